@@ -1,0 +1,85 @@
+"""`gvae study run | resume | status`: studies on Ray Tune, results in Parquet."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gvae.errors import GvaeError
+from gvae.study.results import ResultsStore, study_uri
+from gvae.study.spec import load_study
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("study", help="run, resume or inspect a study on Ray Tune")
+    commands = parser.add_subparsers(dest="study_command", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run a study file (runs again continue an interrupted study)",
+        description="Run STUDY.yaml with Ray Tune. Running the same file again continues an "
+        "interrupted study: finished trials are kept, unfinished ones resume from checkpoints.",
+    )
+    run.add_argument("study_file", type=Path)
+    _cluster_options(run)
+    run.set_defaults(run=_run)
+
+    resume = commands.add_parser("resume", help="continue an interrupted study by name")
+    resume.add_argument("name")
+    _cluster_options(resume)
+    resume.set_defaults(run=_resume)
+
+    status = commands.add_parser("status", help="trial counts and best trials of a study")
+    status.add_argument("name")
+    status.add_argument("--storage", default="results", help="results folder or URI")
+    status.set_defaults(run=_status)
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (host:port, ray://host:10001 or auto; default: $RAY_ADDRESS, "
+        "else start Ray on this machine)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="results folder or URI reachable by every node, e.g. s3://bucket/gvae "
+        "(default: the study file's storage, else ./results)",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = load_study(args.study_file)  # validated before Ray starts
+    raw = yaml.safe_load(args.study_file.read_text())
+    return _execute(spec, raw, args)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from gvae.study.driver import load_saved_spec
+
+    spec, raw = load_saved_spec(args.storage or "results", args.name)
+    return _execute(spec, raw, args)
+
+
+def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
+    from gvae.study.driver import run_study, summary_lines  # Ray imports are slow: only here
+
+    run = run_study(spec, raw, address=args.address, storage=args.storage)
+    print("\n".join(summary_lines(run.store, spec)))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from gvae.study.driver import load_saved_spec, summary_lines
+
+    spec, _ = load_saved_spec(args.storage, args.name)
+    store = ResultsStore(study_uri(args.storage, args.name))
+    if store.read("trials.parquet").empty:
+        raise GvaeError(f"name: study {args.name!r} has no recorded trials yet")
+    print("\n".join(summary_lines(store, spec)))
+    return 0

@@ -1,0 +1,65 @@
+"""Loss functions as pure functions on tensors (paper equation numbers in the docstrings).
+
+Discriminator outputs are logits; D(x) = sigmoid(logit). All losses are means over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """−log D(x) − log(1 − D(G(z))) (Eq. 1, discriminator side)."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor, form: str = "nonsaturating") -> torch.Tensor:
+    """Non-saturating −log D(G(z)) (Eq. 2, never negative) or minimax log(1 − D(G(z))) (Eq. 1)."""
+    if form == "nonsaturating":
+        return F.softplus(-fake_logits).mean()
+    if form == "minimax":
+        return -F.softplus(fake_logits).mean()
+    raise ValueError(f"unknown generator loss form {form!r}")
+
+
+def wgan_critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The negated Wasserstein estimate E[f(G(z))] − E[f(x)] (Eq. 5), minimised by the critic."""
+    return fake_scores.mean() - real_scores.mean()
+
+
+def wgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    return -fake_scores.mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Bernoulli negative log-likelihood summed over pixels, mean over the batch.
+
+    Written out rather than F.binary_cross_entropy, which raises on NaN input: a diverging model
+    must yield a NaN loss that the trainer reports, not a crash. Logs are clamped at -100 as there.
+    """
+    log_p = torch.log(reconstruction).clamp(min=-100)
+    log_not_p = torch.log1p(-reconstruction).clamp(min=-100)
+    per_pixel = -(images * log_p + (1 - images) * log_not_p)
+    return per_pixel.flatten(1).sum(1).mean()
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_var)) || N(0, I)) summed over latent dimensions, mean over the batch."""
+    return 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum(1).mean()
+
+
+def vae_loss(
+    reconstruction: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative ELBO of Eq. 6, returned as (reconstruction term, KL term)."""
+    return reconstruction_loss(reconstruction, images), kl_to_standard_normal(mean, log_var)
+
+
+def constrained_gan_term(gan_loss: torch.Tensor, lam: float, d: float) -> torch.Tensor:
+    """λ·max(L_gan − d, 0): the constrained VAE-GAN's hinge; no gradient while L_gan <= d."""
+    return lam * torch.clamp(gan_loss - d, min=0)
+
+
+def reparameterise(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    return mean + torch.randn_like(mean) * torch.exp(0.5 * log_var)

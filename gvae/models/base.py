@@ -1,0 +1,77 @@
+"""The interface every model family implements: a train step, sampling, and state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from gvae.config import TrialConfig
+from gvae.nets import Architecture, ImageShape, architecture
+
+BatchSource = Callable[[], torch.Tensor]
+Losses = dict[str, torch.Tensor]
+
+
+class GenerativeModel:
+    """The nets and optimisers of one model family; subclasses define `build` and `train_step`.
+
+    One call of `train_step` is one training iteration (for WGAN: n_critic critic steps and one
+    generator step). `generator` maps latent codes to images in [0, 1].
+    """
+
+    nets: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    generator: nn.Module
+
+    def __init__(self, config: TrialConfig, image_shape: ImageShape, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.latent_dim = config.latent_dim
+        self.nets = {}
+        self.optimizers = {}
+        self.build(architecture(config.arch), image_shape)
+        for net in self.nets.values():
+            net.to(device)
+
+    def build(self, arch: Architecture, image_shape: ImageShape) -> None:
+        raise NotImplementedError
+
+    def train_step(self, next_batch: BatchSource) -> Losses:
+        raise NotImplementedError
+
+    def adam(self, *nets: nn.Module) -> torch.optim.Adam:
+        # β1 = 0.5 as in DCGAN and Larsen et al.: the usual choice for adversarial training.
+        params = [p for net in nets for p in net.parameters()]
+        return torch.optim.Adam(params, lr=self.config.learning_rate, betas=(0.5, 0.999))
+
+    def noise(self, count: int) -> torch.Tensor:
+        return torch.randn(count, self.latent_dim, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images for the given latent codes, generated in eval mode (batch norm uses its stats)."""
+        self.generator.eval()
+        try:
+            return self.generator(latent.to(self.device))
+        finally:
+            self.generator.train()
+
+    def state_dict(self) -> dict:
+        return {
+            "nets": {name: net.state_dict() for name, net in self.nets.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, net in self.nets.items():
+            net.load_state_dict(state["nets"][name])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+
+
+def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()

@@ -1,0 +1,67 @@
+"""VAE-GAN (Larsen et al. 2015, paper Eq. 7) and the constrained VAE-GAN (the paper's proposal).
+
+The discriminator learns to tell real images from both reconstructions and prior samples. The
+encoder/decoder minimise L_vae + L_gan (VAE-GAN) or L_vae + λ·max(L_gan − d, 0) (constrained).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gvae.losses import (
+    constrained_gan_term,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    reparameterise,
+    vae_loss,
+)
+from gvae.models.base import BatchSource, GenerativeModel, Losses, step
+from gvae.nets import Architecture, ImageShape
+
+
+class VAEGAN(GenerativeModel):
+    def build(self, arch: Architecture, image_shape: ImageShape) -> None:
+        self.encoder = arch.encoder(self.latent_dim, image_shape)
+        self.generator = arch.generator(self.latent_dim, image_shape)  # the decoder
+        self.discriminator = arch.discriminator(image_shape)
+        self.nets = {
+            "encoder": self.encoder,
+            "decoder": self.generator,
+            "discriminator": self.discriminator,
+        }
+        self.optimizers = {
+            "vae": self.adam(self.encoder, self.generator),
+            "discriminator": self.adam(self.discriminator),
+        }
+
+    def gan_term(self, gan_loss: torch.Tensor) -> torch.Tensor:
+        """How the GAN loss enters the encoder/decoder loss: plainly, as in Eq. 7."""
+        return gan_loss
+
+    def train_step(self, next_batch: BatchSource) -> Losses:
+        real = next_batch()
+        mean, log_var = self.encoder(real)
+        reconstruction = self.generator(reparameterise(mean, log_var))
+        fakes = torch.cat([reconstruction, self.generator(self.noise(real.shape[0]))])
+
+        d_loss = gan_discriminator_loss(
+            self.discriminator(real), self.discriminator(fakes.detach())
+        )
+        step(self.optimizers["discriminator"], d_loss)
+
+        recon_loss, kl_loss = vae_loss(reconstruction, real, mean, log_var)
+        gan_loss = gan_generator_loss(self.discriminator(fakes), self.config.gan_loss)
+        step(self.optimizers["vae"], recon_loss + kl_loss + self.gan_term(gan_loss))
+        return {
+            "d_loss": d_loss.detach(),
+            "recon_loss": recon_loss.detach(),
+            "kl_loss": kl_loss.detach(),
+            "gan_loss": gan_loss.detach(),
+        }
+
+
+class ConstrainedVAEGAN(VAEGAN):
+    """The GAN term only pushes while L_gan exceeds the margin d, weighted by λ."""
+
+    def gan_term(self, gan_loss: torch.Tensor) -> torch.Tensor:
+        return constrained_gan_term(gan_loss, self.config.lam, self.config.d)

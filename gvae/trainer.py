@@ -1,0 +1,241 @@
+"""The training loop of one trial: train, evaluate every `eval_every`, checkpoint, report.
+
+Knows nothing of Ray: `gvae train`, the Ray trainable, `gvae reproduce` and the tests all call
+`run_trial` with a config, a `report` callable and optionally a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import save_image
+
+from gvae.config import TrialConfig
+from gvae.data import load_dataset
+from gvae.evaluator import Evaluator, load_or_train_evaluator
+from gvae.models import MODELS, GenerativeModel
+
+CHECKPOINT_FILE = "checkpoint.pt"
+GRID_SIZE = 100  # a 10x10 grid of samples per evaluation
+SAMPLE_CHUNK = 1000  # generate evaluation samples in chunks to bound memory
+
+# report(metrics, checkpoint_dir): the directory lives only for the duration of the call, so the
+# callee must copy what it keeps (Ray Tune's report does exactly that).
+Reporter = Callable[[dict[str, Any], Path], None]
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite; the trial cannot continue."""
+
+    def __init__(self, iteration: int, losses: dict[str, float]) -> None:
+        super().__init__(f"losses not finite at iteration {iteration}: {losses}")
+        self.iteration = iteration
+        self.losses = losses
+
+
+@dataclass
+class TrialOutcome:
+    config: TrialConfig
+    curve: list[dict[str, Any]]
+    final: dict[str, Any]  # the last evaluation, with the per-image arrays
+    device: str
+    evaluator_accuracy: float
+    reference: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_deterministic(device: torch.device) -> None:
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+class BatchSampler:
+    """Draws random training batches from in-memory images with its own seeded generator."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.images = images
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        index = torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
+        return self.images[index.to(self.images.device)]
+
+
+def run_trial(
+    config: TrialConfig,
+    report: Reporter | None = None,
+    resume_from: Path | None = None,
+    out_dir: Path | None = None,
+    evaluator: Evaluator | None = None,
+    log: Callable[[str], None] = print,
+) -> TrialOutcome:
+    """Train one trial to `config.iterations`, resuming from `resume_from` (a checkpoint directory).
+
+    Raises Diverged when a loss turns NaN or infinite.
+    """
+    config = config.resolved()
+    device = resolve_device(config.device)
+    make_deterministic(device)
+    dataset = load_dataset(config.dataset, config.data_root)
+    if evaluator is None:
+        evaluator = load_or_train_evaluator(dataset, log=log)
+    evaluator = evaluator.to(device)
+
+    torch.manual_seed(config.seed)
+    model = MODELS[config.model](config, dataset.image_shape, device)
+    batches = BatchSampler(dataset.train_images.to(device), config.batch_size, config.seed)
+    # Fixed evaluation noise, drawn apart from the training streams: every evaluation of a trial
+    # looks at the same latent codes, and evaluating never shifts the training randomness.
+    eval_noise = torch.randn(
+        config.eval_samples, config.latent_dim, generator=torch.Generator().manual_seed(config.seed)
+    )
+
+    curve: list[dict[str, Any]] = []
+    start = 0
+    if resume_from is not None:
+        start, curve = _load_checkpoint(Path(resume_from), model, batches, device)
+        log(f"resumed from {resume_from} at iteration {start}")
+
+    final: dict[str, Any] = {}
+    loss_sums: dict[str, torch.Tensor] = {}
+    window_iterations, window_seconds = 0, 0.0
+    for iteration in range(start + 1, config.iterations + 1):
+        tick = time.perf_counter()
+        losses = model.train_step(batches)
+        _check_finite(losses, iteration)
+        for name, value in losses.items():
+            loss_sums[name] = loss_sums.get(name, 0.0) + value
+        window_iterations += 1
+        window_seconds += time.perf_counter() - tick
+
+        if iteration % config.eval_every and iteration != config.iterations:
+            continue
+        row, final = _evaluate(model, evaluator, eval_noise, iteration)
+        row.update({name: float(total) / window_iterations for name, total in loss_sums.items()})
+        row["iterations_per_second"] = window_iterations / max(window_seconds, 1e-9)
+        curve.append(row)
+        log(_progress_line(config, row))
+        if out_dir is not None:
+            save_image(final["grid_images"], out_dir / f"samples_{iteration:07d}.png", nrow=10)
+        _checkpoint_and_report(model, batches, device, iteration, curve, row, final, report)
+        loss_sums, window_iterations, window_seconds = {}, 0, 0.0
+
+    if not final:  # resumed from a checkpoint of the last iteration: nothing left to train
+        _, final = _evaluate(model, evaluator, eval_noise, config.iterations)
+    return TrialOutcome(
+        config=config,
+        curve=curve,
+        final={key: value for key, value in final.items() if key != "grid_images"},
+        device=str(device),
+        evaluator_accuracy=evaluator.accuracy,
+        reference={
+            "mode_entropy": evaluator.reference.mode_entropy,
+            "mean_image_entropy": evaluator.reference.mean_image_entropy,
+        },
+    )
+
+
+def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
+    values = torch.stack(list(losses.values()))
+    if not bool(torch.isfinite(values).all()):
+        raise Diverged(iteration, {name: float(value) for name, value in losses.items()})
+
+
+@torch.no_grad()
+def _evaluate(
+    model: GenerativeModel,
+    evaluator: Evaluator,
+    eval_noise: torch.Tensor,
+    iteration: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One curve row (scalars and the class histogram) and the arrays of this evaluation."""
+    tick = time.perf_counter()
+    images = torch.cat([model.sample(chunk) for chunk in eval_noise.split(SAMPLE_CHUNK)])
+    measurement = evaluator.measure(images)
+    row: dict[str, Any] = {
+        "iteration": iteration,
+        "mode_entropy": measurement.mode_entropy,
+        "mean_image_entropy": measurement.mean_image_entropy,
+        "class_histogram": measurement.class_histogram,
+        "eval_seconds": time.perf_counter() - tick,
+    }
+    grid = images[:GRID_SIZE].cpu()
+    arrays = {
+        "grid_images": grid,
+        "samples_png": _png_base64(grid),
+        "sample_labels": measurement.labels[:GRID_SIZE].tolist(),
+        "image_entropies": [round(value, 5) for value in measurement.image_entropies.tolist()],
+    }
+    return row, arrays
+
+
+def _png_base64(images: torch.Tensor) -> str:
+    buffer = io.BytesIO()
+    save_image(images, buffer, format="png", nrow=10)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _progress_line(config: TrialConfig, row: dict[str, Any]) -> str:
+    return (
+        f"[{config.model} seed={config.seed}] it {row['iteration']}/{config.iterations}  "
+        f"mode_entropy {row['mode_entropy']:.3f}  mean_image_entropy "
+        f"{row['mean_image_entropy']:.3f}  {row['iterations_per_second']:.1f} it/s"
+    )
+
+
+def _checkpoint_and_report(
+    model: GenerativeModel,
+    batches: BatchSampler,
+    device: torch.device,
+    iteration: int,
+    curve: list[dict[str, Any]],
+    row: dict[str, Any],
+    final: dict[str, Any],
+    report: Reporter | None,
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "iteration": iteration,
+        "curve": curve,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "batches": batches.generator.get_state(),
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="gvae-ckpt-") as directory:
+        torch.save(state, Path(directory) / CHECKPOINT_FILE)
+        if report is not None:
+            metrics = dict(row)
+            if iteration == model.config.iterations:
+                metrics.update({k: v for k, v in final.items() if k != "grid_images"})
+            report(metrics, Path(directory))
+
+
+def _load_checkpoint(
+    directory: Path, model: GenerativeModel, batches: BatchSampler, device: torch.device
+) -> tuple[int, list[dict[str, Any]]]:
+    state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+    batches.generator.set_state(state["rng"]["batches"].cpu())
+    return int(state["iteration"]), list(state["curve"])

@@ -1,0 +1,49 @@
+"""Trial config validation: every bad field gets a one-line error that names it."""
+
+import pytest
+
+from gvae.config import DEFAULT_LR, TrialConfig
+from gvae.errors import GvaeError
+
+BAD_FIELDS = [
+    ({"model": "gann"}, "model"),
+    ({"dataset": "cifar"}, "dataset"),
+    ({"arch": "transformer"}, "arch"),
+    ({"lam": -1.0}, "lam"),
+    ({"d": -0.1}, "d"),
+    ({"lr": 0.0}, "lr"),
+    ({"lr": -1e-3}, "lr"),
+    ({"iterations": 0}, "iterations"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"eval_every": 0}, "eval_every"),
+    ({"iterations": 10, "eval_every": 20}, "eval_every"),
+    ({"gan_loss": "hinge"}, "gan_loss"),
+    ({"seed": 1.5}, "seed"),
+    ({"lam": float("nan")}, "lam"),
+    ({"device": "tpu"}, "device"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_FIELDS)
+def test_bad_field_is_named(overrides, field):
+    with pytest.raises(GvaeError) as error:
+        TrialConfig(**overrides).validate()
+    message = str(error.value)
+    assert message.startswith(f"{field}:")
+    assert "\n" not in message
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(GvaeError, match="^lamda: unknown trial parameter"):
+        TrialConfig.from_dict({"lamda": 1.0})
+
+
+def test_defaults_validate_and_resolve_the_model_learning_rate():
+    config = TrialConfig(model="wgan").validate()
+    assert config.resolved().lr == DEFAULT_LR["wgan"] == 5e-5
+    assert TrialConfig(model="gan", lr=1e-3).resolved().lr == 1e-3
+
+
+def test_round_trip_through_a_dict():
+    config = TrialConfig(model="gan", lam=0.5, d=0.2, seed=3)
+    assert TrialConfig.from_dict(config.to_dict()) == config

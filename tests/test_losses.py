@@ -1,0 +1,65 @@
+"""Losses against values computed by hand on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+
+from gvae.losses import (
+    constrained_gan_term,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    kl_to_standard_normal,
+    reconstruction_loss,
+    wgan_critic_loss,
+    wgan_generator_loss,
+)
+
+
+def test_gan_losses_at_zero_logits_are_log_two():
+    zeros = torch.zeros(4, 1)
+    assert gan_discriminator_loss(zeros, zeros).item() == pytest.approx(2 * math.log(2))
+    assert gan_generator_loss(zeros).item() == pytest.approx(math.log(2))
+    assert gan_generator_loss(zeros, "minimax").item() == pytest.approx(-math.log(2))
+
+
+def test_generator_losses_match_their_formulas():
+    logits = torch.tensor([[-2.0], [0.5], [3.0]])
+    d_fake = torch.sigmoid(logits)
+    assert gan_generator_loss(logits).item() == pytest.approx(-torch.log(d_fake).mean().item())
+    minimax = torch.log(1 - d_fake).mean().item()
+    assert gan_generator_loss(logits, "minimax").item() == pytest.approx(minimax, rel=1e-5)
+
+
+def test_wgan_losses():
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([0.5, -0.5])
+    assert wgan_critic_loss(real, fake).item() == pytest.approx(0.0 - 2.0)
+    assert wgan_generator_loss(fake).item() == pytest.approx(0.0)
+
+
+def test_kl_is_zero_for_the_prior_and_known_otherwise():
+    assert kl_to_standard_normal(torch.zeros(3, 5), torch.zeros(3, 5)).item() == 0.0
+    # KL(N(1, 1) || N(0, 1)) = 0.5 per dimension.
+    assert kl_to_standard_normal(torch.ones(2, 4), torch.zeros(2, 4)).item() == pytest.approx(2.0)
+
+
+def test_reconstruction_loss_sums_pixels_and_averages_batch():
+    images = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])
+    reconstruction = torch.full_like(images, 0.5)
+    assert reconstruction_loss(reconstruction, images).item() == pytest.approx(2 * math.log(2))
+
+
+@pytest.mark.parametrize(
+    "gan_loss,lam,d,expected_grad", [(0.3, 2.0, 0.5, 0.0), (0.8, 2.0, 0.5, 2.0)]
+)
+def test_hinge_passes_no_gradient_below_d_and_lambda_above(gan_loss, lam, d, expected_grad):
+    value = torch.tensor(gan_loss, requires_grad=True)
+    term = constrained_gan_term(value, lam, d)
+    term.backward()
+    assert term.item() == pytest.approx(lam * max(gan_loss - d, 0.0))
+    assert value.grad.item() == pytest.approx(expected_grad)
+
+
+def test_hinge_with_lambda_one_and_d_zero_is_the_plain_nonnegative_gan_loss():
+    value = gan_generator_loss(torch.randn(16, 1, generator=torch.Generator().manual_seed(0)))
+    assert constrained_gan_term(value, 1.0, 0.0).item() == value.item()
