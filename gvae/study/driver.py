@@ -1,0 +1,253 @@
+"""Run a study with Ray Tune: start or join Ray, build the Tuner (or restore it), record results.
+
+Layout of a study folder `<storage>/<name>/`: `study.yaml` (the spec that ran), `trials.parquet`,
+`curves.parquet`, and `tune/`, Ray Tune's experiment folder (checkpoints, searcher state), which is
+what makes `gvae study resume` possible.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from gvae.data import load_dataset
+from gvae.errors import GvaeError
+from gvae.evaluator import load_or_train_evaluator
+from gvae.study.recorder import ParquetRecorder
+from gvae.study.results import TRIALS, ResultsStore, study_uri
+from gvae.study.spec import Range, StudySpec, parse_study
+from gvae.study.trainable import train_trial
+
+EXPERIMENT = "tune"
+# Tune warns when trials checkpoint faster than it snapshots; frequent small checkpoints are the
+# point here (every evaluation), so the warning is noise.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+SPEC_FILE = "study.yaml"
+GPU_WAIT_SECONDS = 120.0
+
+
+@dataclass
+class StudyRun:
+    spec: StudySpec
+    store: ResultsStore
+    resumed: bool
+
+
+def run_study(
+    spec: StudySpec,
+    raw_spec: dict[str, Any],
+    address: str | None = None,
+    storage: str | None = None,
+    log: Callable[[str], None] = print,
+) -> StudyRun:
+    """Run (or continue) a study; returns where its tables are."""
+    storage = storage or spec.storage
+    uri = study_uri(storage, spec.name)
+    store = ResultsStore(uri)
+    _check_same_study(store, raw_spec)
+    dataset = load_dataset(spec.dataset, spec.fixed.get("data_root", "data"))
+    evaluator = load_or_train_evaluator(dataset, log=log)
+
+    _init_ray(address, log)
+    _check_gpus(spec, address is not None, log)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, evaluator_state=evaluator.state()),
+        {"cpu": spec.cpus, "gpu": spec.gpus},
+    )
+    experiment = f"{uri}/{EXPERIMENT}"
+    resumed = tune.Tuner.can_restore(experiment)
+    if resumed:
+        log(f"resuming study {spec.name} from {experiment}: finished trials are kept")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True)
+    else:
+        _write_spec(store, raw_spec)
+        tuner = _new_tuner(spec, trainable, uri, ParquetRecorder(store, spec.name, provenance()))
+    tuner.fit()
+    return StudyRun(spec, store, resumed)
+
+
+def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
+    """The spec a study ran with, for `gvae study resume NAME`."""
+    store = ResultsStore(study_uri(storage, name))
+    if not _exists(store, SPEC_FILE):
+        raise GvaeError(
+            f"study: no study named {name!r} under {storage}; run `gvae study run FILE` first "
+            "or pass --storage"
+        )
+    with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
+        raw = yaml.safe_load(stream.readall().decode())
+    return parse_study(raw), raw
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and commit recorded with every trial, so a result can be traced to its code."""
+    versions = {f"{name}_version": _version(name) for name in ("gvae", "torch", "ray", "optuna")}
+    return {**versions, "python_version": platform.python_version(), "git_commit": _git_commit()}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _exists(store: ResultsStore, name: str) -> bool:
+    return store.fs.get_file_info(f"{store.root}/{name}").type == pafs.FileType.File
+
+
+def _check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
+    """Refuse to mix two different studies under one name."""
+    if not _exists(store, SPEC_FILE):
+        return
+    with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
+        saved = yaml.safe_load(stream.readall().decode())
+    if saved != raw_spec:
+        raise GvaeError(
+            f"name: a different study named {raw_spec['name']!r} already ran in {store.uri}; "
+            "rename this study or remove that folder"
+        )
+
+
+def _write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
+    store.fs.create_dir(store.root, recursive=True)
+    with store.fs.open_output_stream(f"{store.root}/{SPEC_FILE}") as stream:
+        stream.write(yaml.safe_dump(raw_spec, sort_keys=False).encode())
+
+
+def _init_ray(address: str | None, log: Callable[[str], None]) -> None:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        log(f"joining the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(log_to_driver=False)
+    resources = ray.cluster_resources()
+    log(
+        f"ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
+        f"{resources.get('GPU', 0):g} GPUs"
+    )
+
+
+def _check_gpus(spec: StudySpec, on_cluster: bool, log: Callable[[str], None]) -> None:
+    """Fail fast, with the fix, when trials ask for GPUs that will never come."""
+    if spec.gpus <= 0:
+        return
+    deadline = time.monotonic() + (GPU_WAIT_SECONDS if on_cluster else 0)
+    while ray.cluster_resources().get("GPU", 0) <= 0:
+        if time.monotonic() >= deadline:
+            raise GvaeError(
+                f"resources.gpus: trials ask for {spec.gpus:g} GPU but the Ray cluster has none; "
+                "set resources.gpus: 0 or add GPU workers (see cluster.yaml)"
+            )
+        log("waiting for the autoscaler to add a GPU node ...")
+        time.sleep(10)
+
+
+def _new_tuner(spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecorder) -> tune.Tuner:
+    param_space: dict[str, Any] = dict(spec.base_config())
+    tune_config: dict[str, Any] = {
+        "max_concurrent_trials": spec.concurrency or None,
+        "scheduler": _scheduler(spec),
+    }
+    if spec.search_type == "grid":
+        param_space["model"] = tune.grid_search(list(spec.models))
+        for key, values in spec.grid.items():
+            param_space[key] = tune.grid_search(values)
+    else:
+        param_space["model"] = (
+            tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
+        )
+        param_space.update({key: _domain(value) for key, value in spec.space.items()})
+        tune_config["search_alg"] = OptunaSearch(
+            metric=[o.metric for o in spec.objectives],
+            mode=[o.mode for o in spec.objectives],
+            seed=0,
+        )
+        tune_config["num_samples"] = spec.trials
+    run_config = tune.RunConfig(
+        name=EXPERIMENT,
+        storage_path=uri,
+        callbacks=[recorder],
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=1,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(**tune_config),
+        run_config=run_config,
+    )
+
+
+def _domain(value: Range | list[Any]) -> Any:
+    if isinstance(value, list):
+        return tune.choice(value)
+    if value.integer:
+        sampler = tune.lograndint if value.log else tune.randint
+        return sampler(int(value.low), int(value.high) + 1)
+    return (tune.loguniform if value.log else tune.uniform)(value.low, value.high)
+
+
+def _scheduler(spec: StudySpec) -> ASHAScheduler | None:
+    if spec.scheduler is None:
+        return None
+    return ASHAScheduler(
+        metric=spec.scheduler.metric,
+        mode=spec.scheduler.mode,
+        time_attr="training_iteration",  # counts evaluations
+        max_t=spec.iterations // spec.eval_every + 1,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
+    """A short end-of-study summary: counts by status, the best trials, the failures."""
+    trials = store.read(TRIALS)
+    if trials.empty:
+        return ["no trials recorded yet"]
+    counts = trials["status"].value_counts().to_dict()
+    lines = [f"study {spec.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    done = trials[trials["status"] == "finished"]
+    if not done.empty:
+        best = done.sort_values("final_mode_entropy", ascending=False).head(5)
+        lines.append("best by final mode_entropy (ln 10 = 2.303 is the ceiling):")
+        for _, row in best.iterrows():
+            lines.append(
+                f"  {row['trial_id']}  {row['model']:8s} seed={row['seed']}  "
+                f"mode_entropy {row['final_mode_entropy']:.3f}  "
+                f"mean_image_entropy {row['final_mean_image_entropy']:.3f}"
+            )
+    for _, row in trials[trials["status"].isin(["failed", "diverged"])].iterrows():
+        reason = row["error"] if row["status"] == "failed" else f"at it {row['diverged_at']}"
+        lines.append(f"  {row['status']}: {row['trial_id']} {row['model']}: {reason}")
+    lines.append(f"tables: {store.location(TRIALS)}, {store.location('curves.parquet')}")
+    return lines

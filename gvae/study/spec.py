@@ -1,0 +1,341 @@
+"""Study files: YAML -> a validated StudySpec -> Ray Tune's search space.
+
+The whole file is checked before Ray starts; every problem is one GvaeError line that names the key
+(as a dotted path) and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gvae.config import MODEL_NAMES, TrialConfig
+from gvae.errors import GvaeError
+
+TOP_KEYS = {
+    "name",
+    "description",
+    "dataset",
+    "models",
+    "iterations",
+    "eval_every",
+    "fixed",
+    "search",
+    "resources",
+    "concurrency",
+    "max_failures",
+    "scheduler",
+    "storage",
+}
+REQUIRED = ("name", "dataset", "models", "iterations", "eval_every", "search")
+TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
+# Study-level keys that are trial fields too: they may not be repeated under fixed/search.
+STUDY_LEVEL_FIELDS = {"dataset", "iterations", "eval_every", "model"}
+SEARCHABLE = {"model", "lam", "d", "lr", "seed", "batch_size", "n_critic", "clip", "gan_loss"}
+METRICS = ("mode_entropy", "mean_image_entropy")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric Optuna range; `integer` for seeds and counts."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str  # "max" or "min"
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """ASHA early stopping on one metric, counted in evaluations (Tune's training_iteration)."""
+
+    metric: str
+    mode: str
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    dataset: str
+    models: tuple[str, ...]
+    iterations: int
+    eval_every: int
+    fixed: dict[str, Any]
+    search_type: str  # "grid" or "optuna"
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    space: dict[str, Range | list[Any]] = field(default_factory=dict)
+    trials: int = 1
+    objectives: tuple[Objective, ...] = ()
+    cpus: float = 1.0
+    gpus: float = 0.0
+    concurrency: int = 0  # 0: as many as the resources allow
+    max_failures: int = 2
+    scheduler: Scheduler | None = None
+    storage: str = "results"
+    description: str = ""
+
+    def base_config(self) -> dict[str, Any]:
+        """Trial fields shared by every trial of the study."""
+        return {
+            **self.fixed,
+            "dataset": self.dataset,
+            "iterations": self.iterations,
+            "eval_every": self.eval_every,
+        }
+
+    def grid_trials(self) -> list[dict[str, Any]]:
+        """Every combination of the grid (models first), as dicts of trial fields."""
+        combos: list[dict[str, Any]] = [{"model": model} for model in self.models]
+        for key, values in self.grid.items():
+            combos = [{**combo, key: value} for combo in combos for value in values]
+        return combos
+
+    @property
+    def trial_count(self) -> int:
+        return len(self.grid_trials()) if self.search_type == "grid" else self.trials
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GvaeError(
+            f"study file: {path} does not exist; pass the path of a studies/*.yaml file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise GvaeError(f"study file: {path} is not valid YAML{where}; fix the syntax") from None
+    return parse_study(data)
+
+
+def parse_study(data: Any) -> StudySpec:
+    _require_mapping(data, "study file")
+    _reject_unknown(data, TOP_KEYS, "")
+    for key in REQUIRED:
+        if key not in data:
+            raise GvaeError(f"{key}: missing; add it to the study file (see README, Study files)")
+    name = _typed(data, "name", str)
+    if not name or "/" in name or name.startswith("."):
+        raise GvaeError("name: must be a plain folder name; use letters, digits, - or _")
+    models = tuple(_models(data["models"]))
+    fixed = _fixed(data.get("fixed") or {})
+    search_type, grid, space, trials, objectives = _search(data["search"])
+    resources = data.get("resources") or {}
+    _require_mapping(resources, "resources")
+    _reject_unknown(resources, {"cpus", "gpus"}, "resources.")
+    spec = StudySpec(
+        name=name,
+        description=str(data.get("description", "")),
+        dataset=_typed(data, "dataset", str),
+        models=models,
+        iterations=_typed(data, "iterations", int),
+        eval_every=_typed(data, "eval_every", int),
+        fixed=fixed,
+        search_type=search_type,
+        grid=grid,
+        space=space,
+        trials=trials,
+        objectives=objectives,
+        cpus=_positive(resources, "cpus", 1.0, "resources.", allow_zero=False),
+        gpus=_positive(resources, "gpus", 0.0, "resources."),
+        concurrency=int(_positive(data, "concurrency", 0, "", integer=True)),
+        max_failures=int(_positive(data, "max_failures", 2, "", integer=True)),
+        scheduler=_scheduler(data.get("scheduler")),
+        storage=str(data.get("storage", "results")),
+    )
+    _validate_trials(spec)
+    return spec
+
+
+def _require_mapping(value: Any, key: str) -> None:
+    if not isinstance(value, dict):
+        raise GvaeError(f"{key}: expected a mapping of keys to values, got {type(value).__name__}")
+
+
+def _reject_unknown(data: dict, allowed: set[str], prefix: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise GvaeError(
+            f"{prefix}{unknown[0]}: unknown key; use one of {', '.join(sorted(allowed))}"
+        )
+
+
+def _typed(data: dict, key: str, kind: type, prefix: str = "") -> Any:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        raise GvaeError(f"{prefix}{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive(
+    data: dict, key: str, default: float, prefix: str, integer: bool = False, allow_zero=True
+) -> float:
+    if key not in data:
+        return default
+    value = data[key]
+    wanted = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, wanted) or not math.isfinite(value):
+        raise GvaeError(f"{prefix}{key}: expected a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise GvaeError(f"{prefix}{key}: must be {bound} (got {value!r}); pass a value {bound}")
+    return value
+
+
+def _models(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise GvaeError("models: expected a non-empty list of model names")
+    for model in value:
+        if model not in MODEL_NAMES:
+            raise GvaeError(f"models: unknown model {model!r}; use any of {', '.join(MODEL_NAMES)}")
+    return value
+
+
+def _fixed(fixed: Any) -> dict[str, Any]:
+    _require_mapping(fixed, "fixed")
+    _reject_unknown(fixed, TRIAL_FIELDS - STUDY_LEVEL_FIELDS, "fixed.")
+    return dict(fixed)
+
+
+def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...]]:
+    _require_mapping(search, "search")
+    _reject_unknown(search, {"grid", "optuna"}, "search.")
+    if len(search) != 1:
+        raise GvaeError("search: give exactly one of grid or optuna")
+    if "grid" in search:
+        grid = search["grid"] or {}
+        _require_mapping(grid, "search.grid")
+        _reject_unknown(grid, SEARCHABLE - {"model"}, "search.grid.")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise GvaeError(f"search.grid.{key}: expected a non-empty list of values")
+        return "grid", dict(grid), {}, 1, ()
+    optuna = search["optuna"]
+    _require_mapping(optuna, "search.optuna")
+    _reject_unknown(optuna, {"trials", "objectives", "space"}, "search.optuna.")
+    for key in ("trials", "objectives", "space"):
+        if key not in optuna:
+            raise GvaeError(f"search.optuna.{key}: missing; see README, Study files")
+    trials = _typed(optuna, "trials", int, "search.optuna.")
+    if trials <= 0:
+        raise GvaeError("search.optuna.trials: must be > 0; pass the number of trials to run")
+    return "optuna", {}, _space(optuna["space"]), trials, _objectives(optuna["objectives"])
+
+
+def _space(space: Any) -> dict[str, Range | list[Any]]:
+    _require_mapping(space, "search.optuna.space")
+    _reject_unknown(space, SEARCHABLE - {"model"}, "search.optuna.space.")
+    parsed: dict[str, Range | list[Any]] = {}
+    for key, value in space.items():
+        prefix = f"search.optuna.space.{key}"
+        if isinstance(value, list) and value:
+            parsed[key] = value
+            continue
+        _require_mapping(value, prefix)
+        _reject_unknown(value, {"low", "high", "log"}, prefix + ".")
+        if "low" not in value or "high" not in value:
+            raise GvaeError(f"{prefix}: needs low and high (or a list of values)")
+        low = _typed(value, "low", float, prefix + ".")
+        high = _typed(value, "high", float, prefix + ".")
+        log = bool(value.get("log", False))
+        if low > high:
+            raise GvaeError(f"{prefix}.low: {low} is above high ({high}); swap them")
+        if log and low <= 0:
+            raise GvaeError(f"{prefix}.low: must be > 0 on a log scale (got {low})")
+        integer = key in {"seed", "batch_size", "n_critic"}
+        parsed[key] = Range(low, high, log, integer)
+    return parsed
+
+
+def _objectives(objectives: Any) -> tuple[Objective, ...]:
+    _require_mapping(objectives, "search.optuna.objectives")
+    if not objectives:
+        raise GvaeError(
+            "search.optuna.objectives: name at least one metric, e.g. mode_entropy: max"
+        )
+    parsed = []
+    for metric, mode in objectives.items():
+        if metric not in METRICS:
+            raise GvaeError(
+                f"search.optuna.objectives.{metric}: unknown metric; use {' or '.join(METRICS)}"
+            )
+        if mode not in ("max", "min"):
+            raise GvaeError(f"search.optuna.objectives.{metric}: expected max or min, got {mode!r}")
+        parsed.append(Objective(metric, mode))
+    return tuple(parsed)
+
+
+def _scheduler(value: Any) -> Scheduler | None:
+    if value is None:
+        return None
+    _require_mapping(value, "scheduler")
+    _reject_unknown(value, {"asha"}, "scheduler.")
+    asha = value["asha"] or {}
+    _require_mapping(asha, "scheduler.asha")
+    _reject_unknown(asha, {"metric", "mode", "grace_period", "reduction_factor"}, "scheduler.asha.")
+    metric = asha.get("metric", "mode_entropy")
+    mode = asha.get("mode", "max")
+    if metric not in METRICS:
+        raise GvaeError(f"scheduler.asha.metric: unknown metric {metric!r}; use {METRICS[0]}")
+    if mode not in ("max", "min"):
+        raise GvaeError(f"scheduler.asha.mode: expected max or min, got {mode!r}")
+    grace = int(_positive(asha, "grace_period", 1, "scheduler.asha.", integer=True))
+    factor = int(_positive(asha, "reduction_factor", 2, "scheduler.asha.", integer=True))
+    if factor < 2:
+        raise GvaeError("scheduler.asha.reduction_factor: must be >= 2")
+    return Scheduler(metric, mode, max(grace, 1), factor)
+
+
+def _validate_trials(spec: StudySpec) -> None:
+    """Build and validate the trial configs the study can produce (corners of Optuna ranges)."""
+    for combo in _corner_trials(spec):
+        try:
+            TrialConfig.from_dict({**spec.base_config(), **combo}).validate()
+        except GvaeError as error:
+            key, _, rest = str(error).partition(": ")
+            raise GvaeError(f"{_study_key(spec, key)}: {rest}") from None
+
+
+def _corner_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    if spec.search_type == "grid":
+        return spec.grid_trials()
+    corners: list[dict[str, Any]] = [{"model": model} for model in spec.models]
+    for key, value in spec.space.items():
+        values = value if isinstance(value, list) else [value.low, value.high]
+        if isinstance(value, Range) and value.integer:
+            values = [int(v) for v in values]
+        corners = [{**corner, key: v} for corner in corners for v in values]
+    return corners
+
+
+def _study_key(spec: StudySpec, field_name: str) -> str:
+    """Where in the study file a trial field came from."""
+    if field_name in ("dataset", "iterations", "eval_every"):
+        return field_name
+    if field_name == "model":
+        return "models"
+    if field_name in spec.grid:
+        return f"search.grid.{field_name}"
+    if field_name in spec.space:
+        return f"search.optuna.space.{field_name}"
+    return f"fixed.{field_name}"

@@ -1,0 +1,58 @@
+"""The Ray Tune function trainable: the core trainer, reporting evaluations with checkpoints."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from gvae.config import TrialConfig
+from gvae.evaluator import Evaluator
+from gvae.trainer import Diverged, resolve_device, run_trial
+
+# Reported once per trial; the driver moves them from the curve into the trials table.
+TRIAL_LEVEL_KEYS = ("device", "node", "threads", "evaluator_accuracy", "real_mode_entropy")
+
+
+def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None:
+    """Run one trial under Ray Tune, resuming from the trial's checkpoint after a failure."""
+    config = TrialConfig.from_dict(params).validate()
+    device = resolve_device(config.device)
+    evaluator = Evaluator.from_state(evaluator_state, device=device)
+    context = {
+        "device": str(device),
+        "node": socket.gethostname(),
+        "threads": torch.get_num_threads(),
+        "evaluator_accuracy": evaluator.accuracy,
+        "real_mode_entropy": evaluator.reference.mode_entropy,
+        "real_mean_image_entropy": evaluator.reference.mean_image_entropy,
+    }
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        tune.report(
+            {**metrics, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
+        )
+
+    checkpoint = tune.get_checkpoint()
+    try:
+        if checkpoint is None:
+            run_trial(config, report=report, evaluator=evaluator, log=_quiet)
+        else:
+            with checkpoint.as_directory() as directory:
+                run_trial(
+                    config,
+                    report=report,
+                    resume_from=Path(directory),
+                    evaluator=evaluator,
+                    log=_quiet,
+                )
+    except Diverged as error:
+        # Not retried: the same config and seed would diverge again at the same iteration.
+        tune.report({**context, "iteration": error.iteration, "diverged_at": error.iteration})
+
+
+def _quiet(_line: str) -> None:
+    """Tune's progress table replaces the trainer's per-evaluation lines."""
