@@ -8,7 +8,6 @@ rows instead of duplicating them.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from ray.tune import Callback
@@ -27,7 +26,6 @@ CONTEXT_KEYS = (
     "real_mode_entropy",
     "real_mean_image_entropy",
 )
-FLUSH_SECONDS = 5.0
 
 
 class ParquetRecorder(Callback):
@@ -52,7 +50,6 @@ class ParquetRecorder(Callback):
         self.curves = {
             (row["trial_id"], row["iteration"]): row for row in self.store.read_rows(CURVES)
         }
-        self._last_flush = 0.0
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_row(trial)["status"] = "running"
@@ -70,7 +67,7 @@ class ParquetRecorder(Callback):
         for key, value in result.items():
             if key in ARRAY_KEYS:
                 row[f"final_{key}"] = value
-        self.flush(force=False)
+        self.flush()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_row(trial)["retries"] = trial.num_failures
@@ -119,14 +116,11 @@ class ParquetRecorder(Callback):
         row.update({key: value for key, value in result.items() if key.endswith("_loss")})
         self.curves[(trial.trial_id, result["iteration"])] = row
 
-    def flush(self, force: bool = True) -> None:
-        """Rewrite both tables; throttled for per-result calls, which come often."""
-        now = time.monotonic()
-        if not force and now - self._last_flush < FLUSH_SECONDS:
-            return
+    def flush(self) -> None:
+        """Rewrite both tables after every event: a result a trial reported before its last
+        checkpoint is never reported again, so it must be on disk before the driver can die."""
         self.store.write(CURVES, sorted(self.curves.values(), key=_curve_order))
         self.store.write(TRIALS, [_with_summary(row, self.curves) for row in self.trials.values()])
-        self._last_flush = now
 
 
 def _curve_order(row: dict[str, Any]) -> tuple[str, int]:

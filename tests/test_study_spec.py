@@ -1,0 +1,130 @@
+"""Study files: the shipped ones validate; each kind of bad input is one line naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gvae.cli import main
+from gvae.errors import GvaeError
+from gvae.study.spec import Range, load_study, parse_study
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+
+VALID = {
+    "name": "t",
+    "dataset": "mnist5k",
+    "models": ["gan", "cvaegan"],
+    "iterations": 40,
+    "eval_every": 20,
+    "fixed": {"batch_size": 16},
+    "search": {"grid": {"seed": [0, 1]}},
+}
+OPTUNA = {
+    **VALID,
+    "search": {
+        "optuna": {
+            "trials": 4,
+            "objectives": {"mode_entropy": "max", "mean_image_entropy": "min"},
+            "space": {"lam": {"low": 0.1, "high": 10.0, "log": True}, "seed": [0, 1]},
+        }
+    },
+}
+
+
+def changed(base: dict, path: str, value) -> dict:
+    """A deep copy of base with the dotted key set to value (or removed when value is DELETE)."""
+    data = yaml.safe_load(yaml.safe_dump(base))
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+DELETE = object()
+BAD = [
+    (VALID, "colour", "red", "colour"),
+    (VALID, "name", DELETE, "name"),
+    (VALID, "models", ["gan", "gann"], "models"),
+    (VALID, "dataset", "cifar", "dataset"),
+    (VALID, "iterations", "many", "iterations"),
+    (VALID, "eval_every", 100, "eval_every"),
+    (VALID, "fixed.lam", -1.0, "fixed.lam"),
+    (VALID, "fixed.lr", 0, "fixed.lr"),
+    (VALID, "fixed.lamda", 1.0, "fixed.lamda"),
+    (VALID, "search.grid.lam", [1.0, -0.5], "search.grid.lam"),
+    (VALID, "search.grid.seed", [], "search.grid.seed"),
+    (VALID, "search.random", {}, "search.random"),
+    (VALID, "resources", {"cpus": 0}, "resources.cpus"),
+    (VALID, "resources", {"gpu": 1}, "resources.gpu"),
+    (VALID, "scheduler", {"asha": {"metric": "fid"}}, "scheduler.asha.metric"),
+    (OPTUNA, "search.optuna.space.lam.low", 20.0, "search.optuna.space.lam.low"),
+    (OPTUNA, "search.optuna.space.d", {"low": -1.0, "high": 1.0}, "search.optuna.space.d"),
+    (OPTUNA, "search.optuna.space.lam.low", 0.0, "search.optuna.space.lam.low"),
+    (OPTUNA, "search.optuna.objectives", {"fid": "min"}, "search.optuna.objectives.fid"),
+    (OPTUNA, "search.optuna.objectives", {"mode_entropy": "up"}, "objectives.mode_entropy"),
+    (OPTUNA, "search.optuna.trials", 0, "search.optuna.trials"),
+]
+
+
+@pytest.mark.parametrize("base,path,value,key", BAD, ids=[f"{b[1]}={b[2]!r}" for b in BAD])
+def test_bad_study_names_the_key(base, path, value, key):
+    with pytest.raises(GvaeError) as error:
+        parse_study(changed(base, path, value))
+    message = str(error.value)
+    assert key in message.split(":")[0] and "\n" not in message
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    study = tmp_path / "bad.yaml"
+    study.write_text(yaml.safe_dump(changed(VALID, "fixed.lam", -1.0)))
+    storage = tmp_path / "results"
+    assert main(["study", "run", str(study), "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gvae: error: fixed.lam:") and "\n" not in err
+    assert not storage.exists()
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(GvaeError, match="not valid YAML"):
+        load_study(broken)
+    with pytest.raises(GvaeError, match="does not exist"):
+        load_study(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_studies_validate(path):
+    spec = load_study(path)
+    assert spec.name == path.stem
+    assert spec.trial_count >= 1
+
+
+def test_quick_and_paper_studies_cover_all_five_models():
+    for name in ("quick", "paper"):
+        spec = load_study(STUDIES / f"{name}.yaml")
+        assert set(spec.models) == {"gan", "wgan", "vae", "vaegan", "cvaegan"}
+    assert load_study(STUDIES / "quick.yaml").trial_count == 10
+    assert load_study(STUDIES / "paper.yaml").trial_count == 25
+
+
+def test_grid_and_optuna_parse():
+    grid = parse_study(VALID)
+    assert grid.grid_trials() == [
+        {"model": "gan", "seed": 0},
+        {"model": "gan", "seed": 1},
+        {"model": "cvaegan", "seed": 0},
+        {"model": "cvaegan", "seed": 1},
+    ]
+    optuna = parse_study(OPTUNA)
+    assert optuna.space["lam"] == Range(0.1, 10.0, log=True)
+    assert [(o.metric, o.mode) for o in optuna.objectives] == [
+        ("mode_entropy", "max"),
+        ("mean_image_entropy", "min"),
+    ]
