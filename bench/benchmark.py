@@ -1,0 +1,216 @@
+"""Training and evaluation throughput of every model, against the machine's matmul limit.
+
+Run as `.venv/bin/python bench/benchmark.py [--iterations N] [--models ...] [--device cpu|cuda]`.
+Not a test: it prints one header line, the measured matmul GFLOP/s and a table (see README.md).
+
+Models, data and batches are made exactly as `gvae.trainer.run_trial` makes them (mnist5k, batch
+64, default config). Everything runs on one intra-op thread so figures compare across machines
+with different core counts and are not skewed by other work on the remaining cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gvae.config import MODEL_NAMES, TrialConfig
+from gvae.data import load_dataset
+from gvae.evaluator import Evaluator, load_or_train_evaluator
+from gvae.models import MODELS, GenerativeModel
+from gvae.trainer import SAMPLE_CHUNK, BatchSampler
+
+BATCH_SIZE = 64
+DATASET = "mnist5k"
+EVAL_SAMPLES = 10_000
+LAYER_SHAPE = (64, 784, 392)  # [64 x 784] @ [784 x 392]: the nets' largest layer at batch 64
+SQUARE_SIZE = 1024
+
+
+@dataclass
+class Row:
+    model: str
+    rates: list[float]  # iterations per second, one per repeat
+    flops: int  # FLOPs of one train_step
+    generate_s: float
+    classify_s: float
+
+    @property
+    def median_rate(self) -> float:
+        return statistics.median(self.rates)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `function` takes, waiting for queued device work on both sides."""
+    synchronise(device)
+    tick = time.perf_counter()
+    function()
+    synchronise(device)
+    return time.perf_counter() - tick
+
+
+def matmul_gflops(
+    m: int, k: int, n: int, device: torch.device, repeats: int, seconds: float = 0.25
+) -> float:
+    """Median float32 GFLOP/s of [m x k] @ [k x n] over `repeats` loops of about `seconds` each."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator).to(device)
+    b = torch.randn(k, n, generator=generator).to(device)
+    out = torch.empty(m, n, device=device)
+
+    def loop(count: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(count):
+                torch.mm(a, b, out=out)
+
+        return run
+
+    timed(loop(3), device)  # warm-up: first calls pick kernels and fault in pages
+    count = 1
+    while (elapsed := timed(loop(count), device)) < seconds / 4:  # calibrate the loop length
+        count *= 2
+    count = max(1, round(count * seconds / elapsed))
+    rates = [2 * m * k * n * count / timed(loop(count), device) for _ in range(repeats)]
+    return statistics.median(rates) / 1e9
+
+
+def train_step_flops(model: GenerativeModel, batches: BatchSampler) -> int:
+    """FLOPs of one train_step (forward and backward of all nets) as FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        model.train_step(batches)
+    return counter.get_total_flops()
+
+
+def bench_model(
+    name: str,
+    dataset,
+    evaluator: Evaluator,
+    device: torch.device,
+    iterations: int,
+    warmup: int,
+    repeats: int,
+) -> Row:
+    config = TrialConfig(model=name, batch_size=BATCH_SIZE).validate().resolved()
+    torch.manual_seed(config.seed)
+    model = MODELS[name](config, dataset.image_shape, device)
+    batches = BatchSampler(dataset.train_images.to(device), config.batch_size, config.seed)
+
+    flops = train_step_flops(model, batches)
+
+    def train() -> None:
+        for _ in range(iterations):
+            model.train_step(batches)
+
+    for _ in range(warmup):
+        model.train_step(batches)
+    rates = [iterations / timed(train, device) for _ in range(repeats)]
+
+    # The trainer's evaluation: fixed noise, generated in chunks, then classified at once.
+    noise = torch.randn(
+        EVAL_SAMPLES, config.latent_dim, generator=torch.Generator().manual_seed(config.seed)
+    )
+    images: list[torch.Tensor] = []
+
+    def generate() -> None:
+        images.append(torch.cat([model.sample(chunk) for chunk in noise.split(SAMPLE_CHUNK)]))
+
+    generate_s = timed(generate, device)
+    classify_s = timed(lambda: evaluator.measure(images[0]), device)
+    return Row(name, rates, flops, generate_s, classify_s)
+
+
+TABLE_HEADER = (
+    f"{'model':<8} {'it/s':>8} {'min':>8} {'max':>8} {'spread':>7} {'MFLOP/it':>9} "
+    f"{'GFLOP/s':>8} {'of mm':>6} {'gen 10k s':>10} {'cls 10k s':>10}"
+)
+
+
+def table_row(row: Row, limit_gflops: float) -> str:
+    median = row.median_rate
+    spread = (max(row.rates) - min(row.rates)) / median
+    achieved = row.flops * median / 1e9
+    return (
+        f"{row.model:<8} {median:>8.1f} {min(row.rates):>8.1f} {max(row.rates):>8.1f} "
+        f"{spread:>7.1%} {row.flops / 1e6:>9.1f} {achieved:>8.2f} "
+        f"{achieved / limit_gflops:>6.1%} {row.generate_s:>10.3f} {row.classify_s:>10.3f}"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--iterations", type=int, default=30, help="train_step calls per timed repeat (30)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model (5)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed train_steps first (5)")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES), metavar="MODEL"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args(argv)
+    if min(args.iterations, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--iterations and --repeats must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - keep stdout the report
+
+    dataset = load_dataset(DATASET)
+    evaluator = load_or_train_evaluator(dataset, log=log).to(device)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(
+        f"torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"CPU {cpu_model()} ({os.cpu_count()} logical) | device {device_name} | "
+        f"batch {BATCH_SIZE} | {args.repeats} x {args.iterations} it | load {load}"
+    )
+    m, k, n = LAYER_SHAPE
+    layer = matmul_gflops(m, k, n, device, args.repeats)
+    square = matmul_gflops(SQUARE_SIZE, SQUARE_SIZE, SQUARE_SIZE, device, args.repeats)
+    print(
+        f"matmul float32: [{m}x{k}]@[{k}x{n}] {layer:.2f} GFLOP/s (the limit used below), "
+        f"[{SQUARE_SIZE}x{SQUARE_SIZE}]@[{SQUARE_SIZE}x{SQUARE_SIZE}] {square:.2f} GFLOP/s"
+    )
+    print()
+    print(TABLE_HEADER)
+    print("-" * len(TABLE_HEADER), flush=True)
+    for name in args.models:  # one row at a time, so a long run shows progress
+        row = bench_model(
+            name, dataset, evaluator, device, args.iterations, args.warmup, args.repeats
+        )
+        print(table_row(row, layer), flush=True)
+
+
+if __name__ == "__main__":
+    main()
