@@ -1,0 +1,201 @@
+"""The paper's figures from a study's tables, as matplotlib Figures.
+
+Built on `matplotlib.figure.Figure` rather than pyplot: no global state, nothing to close, and
+`fig.savefig` renders with Agg whatever backend a notebook uses (where `display(fig)` shows it).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from analysis.tables import (
+    LOW_ENTROPY_THRESHOLD,
+    finished,
+    image_entropies,
+    low_entropy_share,
+    model_order,
+    pareto_front,
+)
+
+MAX_ENTROPY = math.log(10)  # ln 10: ten classes, evenly spread
+MODEL_COLORS = {
+    "gan": "tab:red",
+    "wgan": "tab:orange",
+    "vae": "tab:blue",
+    "vaegan": "tab:green",
+    "cvaegan": "tab:purple",
+}
+GRID_ROWS = 10  # the trainer's sample grid is 10 x 10
+
+
+def _color(model: str) -> str:
+    return MODEL_COLORS.get(model, "tab:gray")
+
+
+def mode_entropy_curves(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure:
+    """Fig. 3: mode entropy against iteration, a thin line per finished trial, the mean in bold."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    done = curves[curves["trial_id"].isin(finished(trials)["trial_id"])]
+    for model in model_order(done["model"]):
+        rows = done[done["model"] == model]
+        for _, trial in rows.groupby("trial_id"):
+            axes.plot(trial["iteration"], trial["mode_entropy"], color=_color(model), alpha=0.3)
+        mean = rows.groupby("iteration")["mode_entropy"].mean()
+        n = rows["trial_id"].nunique()
+        axes.plot(mean.index, mean.values, color=_color(model), lw=2.2, label=f"{model} (n={n})")
+    axes.axhline(MAX_ENTROPY, color="black", ls=":", lw=1, label="ln 10 (all modes)")
+    axes.set(xlabel="iteration", ylabel="mode entropy (nats)", ylim=(-0.05, MAX_ENTROPY + 0.1))
+    axes.set_title("Mode entropy during training (thin: one trial; bold: mean over trials)")
+    axes.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def image_entropy_histograms(trials: pd.DataFrame) -> Figure:
+    """Fig. 5: per model, the histogram of per-image entropies at the last evaluation."""
+    models = model_order(finished(trials)["model"])
+    figure = Figure(figsize=(3.2 * max(len(models), 1), 3.2), layout="constrained")
+    bins = np.linspace(0, MAX_ENTROPY, 24)
+    for index, model in enumerate(models):
+        axes = figure.add_subplot(1, len(models), index + 1)
+        values = image_entropies(trials, model)
+        axes.hist(values, bins=bins, color=_color(model), density=True)
+        axes.axvline(LOW_ENTROPY_THRESHOLD, color="black", ls="--", lw=1)
+        share = low_entropy_share(values)
+        axes.set_title(f"{model}: {share:.0%} below {LOW_ENTROPY_THRESHOLD:g}", fontsize="medium")
+        axes.set_xlabel("image entropy (nats)")
+        if index == 0:
+            axes.set_ylabel("density")
+    figure.suptitle(
+        f"Per-image entropy of generated samples (dashed: {LOW_ENTROPY_THRESHOLD:g} nats)"
+    )
+    return figure
+
+
+def image_entropy_comparison(
+    trials: pd.DataFrame, models: Sequence[str] = ("vaegan", "cvaegan")
+) -> Figure | None:
+    """Fig. 8: per-image entropy of `models` on one axes; None unless each has a finished trial."""
+    values = {model: image_entropies(trials, model) for model in models}
+    if any(len(v) == 0 for v in values.values()):
+        return None
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    bins = np.linspace(0, MAX_ENTROPY, 24)
+    for model, entropies in values.items():
+        share = low_entropy_share(entropies)
+        label = f"{model}: {share:.0%} below {LOW_ENTROPY_THRESHOLD:g} nats (n={len(entropies)})"
+        axes.hist(
+            entropies, bins, density=True, histtype="step", lw=2, color=_color(model), label=label
+        )
+    axes.axvline(LOW_ENTROPY_THRESHOLD, color="black", ls="--", lw=1)
+    axes.set(xlabel="image entropy (nats)", ylabel="density")
+    axes.set_title(" vs ".join(models) + ": per-image entropy")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def decode_grid(png_base64: str) -> np.ndarray:
+    """The 10x10 sample grid a trial recorded (final_samples_png) as an image array."""
+    return matplotlib.image.imread(io.BytesIO(base64.b64decode(png_base64)), format="png")
+
+
+def representative_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """One finished trial per model: the lowest seed (not the best one, so nothing is picked)."""
+    done = finished(trials).dropna(subset=["final_samples_png"])
+    chosen = done.sort_values(["seed", "trial_id"]).groupby("model", sort=False).head(1)
+    order = {model: index for index, model in enumerate(model_order(chosen["model"]))}
+    return chosen.sort_values("model", key=lambda column: column.map(order))
+
+
+def sample_grids(trials: pd.DataFrame) -> Figure:
+    """Figs. 2, 4 and 7: each model's last sample grid, every row labelled by the classifier."""
+    chosen = representative_trials(trials)
+    figure = Figure(figsize=(3.6 * max(len(chosen), 1), 4.0), layout="constrained")
+    for index, (_, trial) in enumerate(chosen.iterrows()):
+        axes = figure.add_subplot(1, len(chosen), index + 1)
+        image = decode_grid(trial["final_samples_png"])
+        axes.imshow(image, cmap="gray")
+        labels = [] if trial["final_sample_labels"] is None else list(trial["final_sample_labels"])
+        height = image.shape[0]
+        rows = [labels[i : i + GRID_ROWS] for i in range(0, len(labels), GRID_ROWS)]
+        axes.set_yticks([(i + 0.5) * height / GRID_ROWS for i in range(len(rows))])
+        axes.set_yticklabels([" ".join(str(label) for label in row) for row in rows])
+        axes.tick_params(axis="y", labelsize=7, length=0)
+        axes.set_xticks([])
+        axes.set_title(f"{trial['model']} (seed {trial['seed']}, {trial['trial_id']})", fontsize=9)
+    figure.suptitle("Samples at the last evaluation; left: the classifier's label of each image")
+    return figure
+
+
+def pareto_figure(trials: pd.DataFrame, objectives: Mapping[str, str]) -> Figure:
+    """Every finished trial in (mode entropy, mean image entropy), the Pareto front highlighted."""
+    done = finished(trials).dropna(subset=["final_mode_entropy", "final_mean_image_entropy"])
+    front = pareto_front(done, objectives)
+    figure = Figure(figsize=(6, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    x, y = "final_mode_entropy", "final_mean_image_entropy"
+    axes.scatter(done[x], done[y], color="tab:gray", label=f"finished trials (n={len(done)})")
+    line = front.sort_values(x)
+    axes.plot(line[x], line[y], "o-", color="tab:red", label=f"Pareto front (n={len(front)})")
+    for _, row in front.iterrows():
+        axes.annotate(
+            row["trial_id"], (row[x], row[y]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    wanted = ", ".join(
+        f"{column.removeprefix('final_')} {mode}" for column, mode in objectives.items()
+    )
+    axes.set(xlabel="final mode entropy (nats)", ylabel="final mean image entropy (nats)")
+    axes.set_title(f"Objectives: {wanted}")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def landscape(
+    trials: pd.DataFrame,
+    x: str,
+    y: str | None,
+    metrics: Sequence[str],
+    log_x: bool = False,
+    log_y: bool = False,
+) -> Figure:
+    """Finished trials over the searched parameters, coloured by each metric (one panel each).
+
+    With `y` None the metric itself is the vertical axis.
+    """
+    done = finished(trials)
+    figure = Figure(figsize=(5.2 * len(metrics), 4.2), layout="constrained")
+    for index, metric in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), index + 1)
+        if y is None:
+            axes.scatter(done[x], done[metric], color="tab:purple")
+            axes.set(xlabel=x + (" (log scale)" if log_x else ""), ylabel=metric)
+        else:
+            points = axes.scatter(done[x], done[y], c=done[metric], cmap="viridis", s=40)
+            figure.colorbar(points, ax=axes, label=metric)
+            axes.set(xlabel=x + (" (log scale)" if log_x else ""), ylabel=y)
+            if log_y:
+                _log_scale(axes, "y")
+        if log_x:
+            _log_scale(axes, "x")
+        axes.set_title(metric.removeprefix("final_"))
+    return figure
+
+
+def _log_scale(axes: Axes, which: str) -> None:
+    """A log scale labelled 0.5, 1, 10: by default matplotlib labels the minor ticks of a short
+    range, and the labels overlap."""
+    getattr(axes, f"set_{which}scale")("log")
+    axis = axes.xaxis if which == "x" else axes.yaxis
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())

@@ -1,0 +1,256 @@
+"""Assemble a study's report folder: `report.md` with PNG figures and CSV tables beside it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import figures, tables
+from analysis.load import Study
+from gvae.study.spec import Range
+
+PAPER = "A Probe Towards Understanding GAN and VAE Models (2018)"
+
+
+@dataclass
+class Report:
+    """What `write_report` wrote: the Markdown file and every table and figure beside it."""
+
+    folder: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def markdown(self) -> Path:
+        return self.folder / "report.md"
+
+
+def write_report(study: Study, folder: Path) -> Report:
+    """Write the report of `study` into `folder` (created), replacing files of the same names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report = Report(folder)
+    trials = study.trials
+    lines = _header(study)
+
+    lines += ["## Table 1: mode entropy and mean image entropy", ""]
+    table1 = tables.table1(trials)
+    _csv(report, "table1.csv", table1)
+    lines += _table1_text(table1)
+    if tables.finished(trials).empty:
+        lines += ["No trial has finished yet: nothing to plot (see the list below).", ""]
+    else:
+        lines += _figures(report, study)
+        if study.spec.search_type == "optuna":
+            lines += _optuna_section(report, study)
+
+    lines += _failures_section(report, trials)
+    _csv(report, "trials.csv", tables.trial_summary(trials))
+    lines += ["All trials, without their arrays: [trials.csv](trials.csv).", ""]
+
+    report.markdown.write_text("\n".join(lines))
+    report.files.insert(0, report.markdown)
+    return report
+
+
+def _figures(report: Report, study: Study) -> list[str]:
+    """Figs. 3, 5, 8 and the sample grids (2, 4, 7), from the finished trials."""
+    trials = study.trials
+    curves = figures.mode_entropy_curves(study.curves, trials)
+    lines = _figure(report, "mode_entropy_curves.png", curves, "Fig. 3: mode entropy by iteration")
+
+    lines += ["## Per-image entropy (Figs. 5 and 8)", ""]
+    entropy_table = tables.image_entropy_table(trials)
+    _csv(report, "image_entropy.csv", entropy_table)
+    lines += [
+        f"An image is *low entropy* when the classifier's entropy over its ten classes is below "
+        f"{tables.LOW_ENTROPY_THRESHOLD:g} nats (it is sure which digit it sees); ln 10 = 2.303 is "
+        "total doubt. Pooled over the finished trials' last evaluation.",
+        "",
+        *_markdown_table(entropy_table, digits=3),
+        "",
+    ]
+    histograms = figures.image_entropy_histograms(trials)
+    lines += _figure(report, "image_entropy_histograms.png", histograms, "Fig. 5: per model")
+    comparison = figures.image_entropy_comparison(trials)
+    if comparison is None:
+        lines += ["Fig. 8 (VAE-GAN against constrained VAE-GAN) needs finished trials of both.", ""]
+    else:
+        lines += _figure(
+            report, "vaegan_vs_cvaegan_entropy.png", comparison, "Fig. 8: VAE-GAN vs cvaegan"
+        )
+
+    lines += [
+        "## Samples (Figs. 2, 4 and 7)",
+        "",
+        "One finished trial per model (the lowest seed, so nothing is cherry-picked); the digits "
+        "left of each row are the classifier's labels of its ten images.",
+        "",
+    ]
+    return lines + _figure(report, "samples.png", figures.sample_grids(trials), "Sample grids")
+
+
+def _header(study: Study) -> list[str]:
+    spec = study.spec
+    counts = tables.status_counts(study.trials)
+    search = spec.search_type
+    if search == "optuna":
+        wanted = ", ".join(f"{o.metric} {o.mode}" for o in spec.objectives)
+        search = f"Optuna, {spec.trials} trials, objectives: {wanted}"
+    lines = [f"# Study `{study.name}`", ""]
+    if spec.description:
+        lines += [spec.description, ""]
+    lines += [
+        f"- models: {', '.join(spec.models)}; dataset: {spec.dataset}; "
+        f"{spec.iterations} iterations, evaluated every {spec.eval_every}",
+        f"- search: {search}",
+        f"- trials: {', '.join(f'{n} {status}' for status, n in counts.items())}",
+        f"- tables: {study.store.uri}",
+        f"- reproducing: {PAPER}",
+        "",
+    ]
+    return lines
+
+
+def _table1_text(table: pd.DataFrame) -> list[str]:
+    shown = pd.DataFrame(
+        {
+            "model": table["model"],
+            "setting": table["setting"],
+            "seeds": table["n_seeds"].map(lambda n: "" if pd.isna(n) else str(int(n))),
+            "mode entropy": _with_ci(table, "mode_entropy"),
+            "paper": table["paper_mode_entropy"].map(_number),
+            "mean image entropy": _with_ci(table, "mean_image_entropy"),
+        }
+    )
+    if (shown["setting"].iloc[:-1] == "").all():
+        shown = shown.drop(columns="setting")
+    return [
+        "Final evaluation of finished trials: mean ± half-width of the 95% t-interval over seeds "
+        "(blank with one seed). Mode entropy: higher is more diverse (ln 10 = 2.303 at most); "
+        "mean image entropy: lower is sharper. *paper*: the paper's Table 1.",
+        "",
+        *_markdown_table(shown),
+        "",
+        "Data: [table1.csv](table1.csv).",
+        "",
+    ]
+
+
+def _with_ci(table: pd.DataFrame, metric: str) -> pd.Series:
+    def text(row: pd.Series) -> str:
+        mean, half = row[f"{metric}_mean"], row[f"{metric}_ci95"]
+        if pd.isna(mean):
+            return ""
+        return _number(mean) + ("" if pd.isna(half) else f" ± {_number(half)}")
+
+    return table.apply(text, axis=1)
+
+
+def _number(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value + 0.0:.{digits}f}"  # + 0.0 turns -0.0 into 0.0
+
+
+def _optuna_section(report: Report, study: Study) -> list[str]:
+    objectives = tables.objective_columns(study.spec.objectives)
+    lines = ["## Optuna search", ""]
+    best = tables.best_trials(study.trials, objectives)
+    searched = [key for key in study.spec.space if key in best]
+    columns = ["trial_id", "model", *searched, "seed", *objectives]
+    best = best[list(dict.fromkeys(columns))]
+    _csv(report, "best_trials.csv", best)
+    title = "Pareto front" if len(objectives) > 1 else "Best trials"
+    lines += [
+        f"{title} of the finished trials ({', '.join(f'{c} {m}' for c, m in objectives.items())}):",
+        "",
+        *_markdown_table(best, digits=4),
+        "",
+        "Data: [best_trials.csv](best_trials.csv).",
+        "",
+    ]
+    lines += _figure(
+        report, "pareto_front.png", figures.pareto_figure(study.trials, objectives), title
+    )
+    axes = _landscape_axes(study)
+    if axes:
+        x, y = axes
+        figure = figures.landscape(
+            study.trials, x, y, list(objectives), log_x=_is_log(study, x), log_y=_is_log(study, y)
+        )
+        lines += _figure(report, "landscape.png", figure, f"Objectives over {x} and {y or 'it'}")
+    return lines
+
+
+def _landscape_axes(study: Study) -> tuple[str, str | None] | None:
+    """λ and d when both were searched, else the first two numeric searched parameters."""
+    numeric = [k for k, v in study.spec.space.items() if isinstance(v, Range) and k in study.trials]
+    if {"lam", "d"} <= set(numeric):
+        return "lam", "d"
+    if not numeric:
+        return None
+    return numeric[0], numeric[1] if len(numeric) > 1 else None
+
+
+def _is_log(study: Study, key: str | None) -> bool:
+    value = study.spec.space.get(key) if key else None
+    return isinstance(value, Range) and value.log
+
+
+def _failures_section(report: Report, trials: pd.DataFrame) -> list[str]:
+    failed = tables.failures(trials)
+    _csv(report, "failures.csv", failed)
+    lines = ["## Trials that did not finish", ""]
+    if failed.empty:
+        return [*lines, "None: every trial finished.", ""]
+    counts = failed["status"].value_counts()
+    lines += [
+        "Left out of every table and figure above: "
+        + ", ".join(f"{n} {status}" for status, n in counts.items())
+        + ". *diverged*: a loss became NaN or infinite at that iteration; *failed*: an error "
+        "(retries exhausted); *stopped*: ended early by the scheduler; *running*: the study was "
+        "interrupted (`gvae study resume` continues it).",
+        "",
+        *_markdown_table(failed),
+        "",
+        "Data: [failures.csv](failures.csv).",
+        "",
+    ]
+    return lines
+
+
+def _figure(report: Report, name: str, figure: Figure, caption: str) -> list[str]:
+    path = report.folder / name
+    figure.savefig(path, dpi=110)
+    report.files.append(path)
+    return [f"![{caption}]({name})", "", f"*{caption}.*", ""]
+
+
+def _csv(report: Report, name: str, table: pd.DataFrame) -> None:
+    path = report.folder / name
+    table.to_csv(path, index=False)
+    report.files.append(path)
+
+
+def _markdown_table(table: pd.DataFrame, digits: int = 3) -> list[str]:
+    """A GitHub-flavoured Markdown table (pandas' to_markdown needs the tabulate package)."""
+    header = "| " + " | ".join(str(column) for column in table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = [
+        "| " + " | ".join(_cell(value, digits) for value in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return [header, rule, *body]
+
+
+def _cell(value: object, digits: int) -> str:
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+            return f"{value:.{digits}g}"
+        return _number(value, digits)
+    return str(value).replace("|", "\\|").replace("\n", " ")

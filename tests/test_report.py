@@ -1,0 +1,207 @@
+"""`gvae report`: Table 1 and its intervals, the Pareto front, and real report folders."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import load_study, tables
+from gvae.cli import main
+from tests import tiny_studies
+
+T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (any t table)
+
+
+@pytest.fixture(scope="session")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_studies.storage(tmp_path_factory)
+
+
+def trials_frame(rows: list[dict]) -> pd.DataFrame:
+    """A trials table with only the columns the tables need."""
+    defaults = {"status": "finished", "lam": 1.0, "d": 0.0, "lr": 2e-4, "device": "cpu"}
+    defaults.update({"real_mode_entropy": 2.30, "real_mean_image_entropy": 0.07})
+    return pd.DataFrame([{**defaults, **row} for row in rows])
+
+
+# --- tables on hand-made frames -------------------------------------------------------------
+
+
+def test_mean_ci_is_the_t_interval():
+    mean, half_width, n = tables.mean_ci([1.0, 2.0, 4.0])
+    assert (mean, n) == (pytest.approx(7 / 3), 3)
+    assert half_width == pytest.approx(T_975_DF2 * statistics.stdev([1, 2, 4]) / math.sqrt(3))
+    assert math.isnan(tables.mean_ci([1.5])[1]) and tables.mean_ci([1.5])[0] == 1.5
+    assert tables.mean_ci([float("nan")])[2] == 0
+
+
+def test_table1_means_intervals_paper_and_real_rows():
+    trials = trials_frame(
+        [
+            {"model": "vae", "seed": s, "final_mode_entropy": m, "final_mean_image_entropy": i}
+            for s, m, i in [(0, 1.0, 0.5), (1, 2.0, 0.6), (2, 4.0, 0.7)]
+        ]
+        + [
+            {"model": "gan", "seed": 0, "final_mode_entropy": 0.3, "final_mean_image_entropy": 1},
+            {"model": "gan", "seed": 1, "status": "diverged"},  # never averaged
+        ]
+    )
+    table = tables.table1(trials).set_index("model")
+    assert list(table.index) == ["gan", "vae", tables.REAL_DATA]  # the paper's order
+    assert table.loc["vae", "n_seeds"] == 3 and table.loc["gan", "n_seeds"] == 1
+    assert table.loc["vae", "mode_entropy_mean"] == pytest.approx(7 / 3)
+    expected = T_975_DF2 * statistics.stdev([1, 2, 4]) / math.sqrt(3)
+    assert table.loc["vae", "mode_entropy_ci95"] == pytest.approx(expected)
+    assert table.loc["vae", "mean_image_entropy_ci95"] == pytest.approx(T_975_DF2 * 0.1 / 3**0.5)
+    assert math.isnan(table.loc["gan", "mode_entropy_ci95"])  # one seed: no interval
+    assert table.loc["gan", "paper_mode_entropy"] == 0.0
+    assert table.loc["vae", "paper_mode_entropy"] == 2.266
+    assert table.loc[tables.REAL_DATA, "mode_entropy_mean"] == 2.30
+    assert table.loc[tables.REAL_DATA, "mean_image_entropy_mean"] == 0.07
+
+
+def test_table1_keeps_settings_of_one_model_apart():
+    trials = trials_frame(
+        [
+            {"model": "cvaegan", "seed": s, "lam": lam, "final_mode_entropy": m}
+            | {"final_mean_image_entropy": 1.0}
+            for s, lam, m in [(0, 1.0, 2.0), (1, 1.0, 2.2), (0, 10.0, 1.0)]
+        ]
+    )
+    table = tables.table1(trials)
+    assert list(table["setting"][:2]) == ["lam=1", "lam=10"]
+    assert list(table["n_seeds"][:2]) == [2, 1]
+    assert table["mode_entropy_mean"][0] == pytest.approx(2.1)
+
+
+def test_pareto_front_of_a_hand_made_frame():
+    points = {
+        "a": (2.0, 0.5),
+        "b": (1.5, 0.3),
+        "b_twin": (1.5, 0.3),  # equal points do not dominate each other
+        "c": (1.0, 0.6),  # dominated by a and b
+        "d": (2.0, 0.7),  # dominated by a (same diversity, blurrier)
+        "e": (0.5, 0.1),  # the sharpest
+        "nan": (math.nan, 0.9),  # left out of the two-objective front
+    }
+    frame = pd.DataFrame(
+        [
+            {"trial_id": k, "final_mode_entropy": m, "final_mean_image_entropy": i}
+            for k, (m, i) in points.items()
+        ]
+    )
+    both = {"final_mode_entropy": "max", "final_mean_image_entropy": "min"}
+    front = tables.pareto_front(frame, both)
+    assert list(front["trial_id"]) == ["a", "b", "b_twin", "e"]  # by mode entropy, best first
+    single = tables.pareto_front(frame, {"final_mean_image_entropy": "min"})
+    assert list(single["trial_id"]) == ["e"]
+
+
+def test_failures_and_counts_keep_every_unfinished_trial():
+    trials = trials_frame(
+        [
+            {"trial_id": "t1", "model": "vae", "seed": 0},
+            {"trial_id": "t2", "model": "gan", "seed": 0, "status": "failed", "error": "OOM"},
+            {"trial_id": "t3", "model": "vae", "seed": 1, "status": "diverged", "diverged_at": 7.0},
+            {"trial_id": "t4", "model": "gan", "seed": 1, "status": "stopped"},
+        ]
+    )
+    failed = tables.failures(trials)
+    assert list(failed["trial_id"]) == ["t3", "t2", "t4"]  # by status, then id
+    assert failed.loc[0, "diverged_at"] == 7 and failed.loc[1, "error"] == "OOM"
+    counts = tables.status_counts(trials)
+    assert counts == {"finished": 1, "failed": 1, "diverged": 1, "stopped": 1}
+    assert next(iter(counts)) == "finished"
+
+
+# --- real studies -----------------------------------------------------------------------------
+
+
+def write_report(storage: Path, name: str, out: Path, capsys: pytest.CaptureFixture) -> str:
+    code = main(["report", name, "--storage", str(storage), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"report: {out / 'report.md'}" in printed
+    return (out / "report.md").read_text()
+
+
+def assert_files(out: Path, names: list[str]) -> None:
+    for name in names:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+
+GRID_FILES = [
+    "report.md",
+    "table1.csv",
+    "image_entropy.csv",
+    "trials.csv",
+    "failures.csv",
+    "mode_entropy_curves.png",
+    "image_entropy_histograms.png",
+    "vaegan_vs_cvaegan_entropy.png",
+    "samples.png",
+]
+
+
+def test_report_of_a_grid_study(storage, tmp_path, capsys):
+    markdown = write_report(storage, "grid", tmp_path, capsys)
+    assert_files(tmp_path, GRID_FILES)
+    trials = load_study("grid", str(storage)).trials
+    assert set(trials["status"]) == {"finished"}
+
+    table = pd.read_csv(tmp_path / "table1.csv").set_index("model")
+    means = trials.groupby("model")[["final_mode_entropy", "final_mean_image_entropy"]].mean()
+    for model, row in means.iterrows():
+        assert table.loc[model, "mode_entropy_mean"] == pytest.approx(row["final_mode_entropy"])
+        mean_image = table.loc[model, "mean_image_entropy_mean"]
+        assert mean_image == pytest.approx(row["final_mean_image_entropy"])
+        assert table.loc[model, "n_seeds"] == 2
+    assert table.loc["vae", "paper_mode_entropy"] == 2.266
+    assert table.loc[tables.REAL_DATA, "mode_entropy_mean"] == pytest.approx(
+        trials["real_mode_entropy"].iloc[0]
+    )
+    entropy = pd.read_csv(tmp_path / "image_entropy.csv").set_index("model")
+    assert (entropy["n_images"] == 2 * 300).all()
+    assert (entropy["threshold"] == tables.LOW_ENTROPY_THRESHOLD).all()
+    for heading in ["Table 1", "Fig. 3", "Fig. 5", "Fig. 8", "Figs. 2, 4 and 7", "2.266"]:
+        assert heading in markdown
+    assert "None: every trial finished." in markdown
+    assert "Optuna" not in markdown
+
+
+def test_report_lists_the_diverged_trial(storage, tmp_path, capsys):
+    markdown = write_report(storage, "diverging", tmp_path, capsys)
+    assert_files(tmp_path, ["report.md", "table1.csv", "failures.csv", "samples.png"])
+    trials = load_study("diverging", str(storage)).trials
+    diverged = trials[trials["status"] == "diverged"]
+    assert len(diverged) == 1 and (trials["status"] == "finished").sum() == 1
+
+    failed = pd.read_csv(tmp_path / "failures.csv")
+    assert list(failed["trial_id"]) == list(diverged["trial_id"])
+    assert failed.loc[0, "status"] == "diverged" and 1 <= failed.loc[0, "diverged_at"] <= 40
+    assert "1 finished, 1 diverged" in markdown
+    assert diverged["trial_id"].iloc[0] in markdown.split("## Trials that did not finish")[1]
+    table = pd.read_csv(tmp_path / "table1.csv")
+    assert table.loc[table["model"] == "vae", "n_seeds"].item() == 1  # the finished trial only
+
+
+def test_report_of_an_optuna_study(storage, tmp_path, capsys):
+    markdown = write_report(storage, "optuna", tmp_path, capsys)
+    assert_files(tmp_path, ["pareto_front.png", "landscape.png", "best_trials.csv", "table1.csv"])
+    trials = load_study("optuna", str(storage)).trials
+    best = pd.read_csv(tmp_path / "best_trials.csv")
+    objectives = {"final_mode_entropy": "max", "final_mean_image_entropy": "min"}
+    front = tables.pareto_front(trials[trials["status"] == "finished"], objectives)
+    assert list(best["trial_id"]) == list(front["trial_id"])
+    assert {"lam", "d", "seed", *objectives} <= set(best.columns)
+    assert "## Optuna search" in markdown and "Pareto front" in markdown
+
+
+def test_report_of_an_unknown_study_is_one_line(tmp_path, capsys):
+    assert main(["report", "nope", "--storage", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gvae: error: name: no study named 'nope'") and error.count("\n") == 1
