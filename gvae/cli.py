@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gvae.commands import report, study, train
+from gvae.commands import report, reproduce, study, train
 from gvae.errors import GvaeError
 
-COMMANDS = [train, study, report]
+COMMANDS = [train, study, report, reproduce]
 
 
 def build_parser() -> argparse.ArgumentParser:
