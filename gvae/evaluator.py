@@ -3,6 +3,11 @@
 The classifier is trained once per dataset and cached on disk, keyed by everything that
 determines its weights; every study, trial and process then scores samples with the very
 same network, which keeps metrics comparable across runs.
+
+Two kinds, chosen by the dataset: a digit (class) classifier for MNIST-like sets, and for
+CelebA a classifier of the 40 binary face attributes, whose modes are the joint values of
+MODE_ATTRIBUTES. Both also give the Frechet distance between generated and held-out real images
+in their penultimate feature space (not comparable with published FIDs: another network).
 """
 
 from __future__ import annotations
@@ -22,23 +27,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gvae.data import Dataset
+from gvae.data import Dataset, held_out_batches, training_batches
 from gvae.errors import GvaeError
-from gvae.metrics import class_histogram, image_entropies, mean_image_entropy, mode_entropy
+from gvae.metrics import (
+    binary_entropies,
+    class_histogram,
+    feature_statistics,
+    frechet_distance_from_statistics,
+    image_entropies,
+    joint_modes,
+    mean_binary_entropy,
+    mean_image_entropy,
+    mode_entropy,
+)
 
 try:  # POSIX only; elsewhere concurrent processes may just train the same network twice
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-# Bump ARCH_VERSION whenever the network or its training changes: it invalidates old caches.
+# Bump ARCH_VERSION (digits) or ATTRIBUTE_ARCH_VERSION whenever that network or its training
+# changes: it invalidates old caches.
 ARCH_VERSION = 1
-STATE_FORMAT = 1
+ATTRIBUTE_ARCH_VERSION = 1
+STATE_FORMAT = 2  # 2: attribute evaluators and reference feature statistics
 SEED = 0
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 DROPOUT = 0.25
 FEATURE_GRID = 7  # spatial size the conv stack is pooled to before the fc layers
+ATTRIBUTE_GRID = 8  # the same for the attribute classifier (64x64 faces after three poolings)
+# The attributes whose joint values are the modes of face images: 2^3 = 8 modes, ln 8 at best.
+MODE_ATTRIBUTES = ("Male", "Smiling", "Eyeglasses")
+HELD_OUT_LIMIT = 10_000  # held-out images behind the reference row and feature statistics
+ATTRIBUTE_MAX_VISITS = 100_000  # training images the attribute classifier sees by default
 
 
 @dataclass
@@ -46,10 +68,11 @@ class Measurement:
     """Classifier-based statistics of one set of images."""
 
     mode_entropy: float
-    mean_image_entropy: float
-    class_histogram: list[int]
+    mean_image_entropy: float  # for attributes: the mean binary entropy (metrics.binary_entropies)
+    class_histogram: list[int]  # counts per mode: classes, or joint values of MODE_ATTRIBUTES
     image_entropies: torch.Tensor  # [N] float32 CPU
-    labels: torch.Tensor  # [N] int64 predicted classes, CPU
+    labels: torch.Tensor  # [N] int64 predicted modes, CPU
+    frechet_distance: float | None = None  # to the evaluator's held-out real images
 
     def as_state(self) -> dict:
         """Plain-dict form for `torch.save` / `weights_only` loading."""
@@ -59,6 +82,7 @@ class Measurement:
             "class_histogram": list(self.class_histogram),
             "image_entropies": self.image_entropies,
             "labels": self.labels,
+            "frechet_distance": self.frechet_distance,
         }
 
     @classmethod
@@ -75,6 +99,23 @@ def measurement_from_probs(probs: torch.Tensor, num_classes: int) -> Measurement
         mean_image_entropy=mean_image_entropy(probs),
         class_histogram=class_histogram(labels, num_classes).tolist(),
         image_entropies=image_entropies(probs).float().cpu(),
+        labels=labels,
+    )
+
+
+def measurement_from_attribute_probs(
+    probs: torch.Tensor, mode_columns: tuple[int, ...]
+) -> Measurement:
+    """Attribute-mode entropy, mean binary entropy and mode histogram from attribute
+    probabilities [N, A]; an image's mode is the joint value of the `mode_columns` attributes,
+    each present when its probability exceeds 0.5."""
+    labels = joint_modes(probs[:, list(mode_columns)] > 0.5)
+    modes = 2 ** len(mode_columns)
+    return Measurement(
+        mode_entropy=mode_entropy(labels, modes),
+        mean_image_entropy=mean_binary_entropy(probs),
+        class_histogram=class_histogram(labels, modes).tolist(),
+        image_entropies=binary_entropies(probs).float().cpu(),
         labels=labels,
     )
 
@@ -118,17 +159,45 @@ def build_classifier(in_channels: int, num_classes: int) -> nn.Sequential:
     )
 
 
+def build_attribute_classifier(in_channels: int, num_attributes: int) -> nn.Sequential:
+    """Three 5x5 conv+pool stages (64x64 -> 8x8), then fc 128 and one logit per attribute."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        PoolTo(ATTRIBUTE_GRID),
+        nn.Flatten(),
+        nn.Dropout(DROPOUT),
+        nn.Linear(64 * ATTRIBUTE_GRID * ATTRIBUTE_GRID, 128),
+        nn.ReLU(),
+        nn.Dropout(DROPOUT),
+        nn.Linear(128, num_attributes),
+    )
+
+
 def default_epochs(num_train: int) -> int:
     """About 32k sample visits, 3 to 8 epochs: 8 for mnist5k's 4000 images, 3 for full MNIST."""
     return min(8, max(3, math.ceil(32_000 / max(num_train, 1))))
 
 
 class Evaluator:
-    """A trained classifier plus its held-out accuracy and the real-data reference row."""
+    """A trained classifier plus its held-out accuracy and the real-data reference row.
+
+    A digit evaluator has `num_classes` outputs (softmax); an attribute evaluator one output per
+    name in `attribute_names` (sigmoid, `num_classes` 0), its modes being the joint values of
+    `mode_attributes`. `reference_features` are the mean and covariance of the held-out images'
+    penultimate features, against which `measure` computes the Frechet distance.
+    """
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Sequential,
         *,
         image_shape: tuple[int, int, int],
         num_classes: int,
@@ -136,6 +205,9 @@ class Evaluator:
         reference: Measurement,
         key: str,
         meta: dict | None = None,
+        attribute_names: tuple[str, ...] = (),
+        mode_attributes: tuple[str, ...] = (),
+        reference_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.net = net.eval()
         self.image_shape = tuple(image_shape)
@@ -144,10 +216,21 @@ class Evaluator:
         self.reference = reference
         self.key = key
         self.meta = dict(meta or {})  # provenance: dataset, epochs, seed, training time
+        self.attribute_names = tuple(attribute_names)
+        self.mode_attributes = tuple(mode_attributes)
+        self.reference_features = reference_features
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    @property
+    def has_attributes(self) -> bool:
+        return bool(self.attribute_names)
+
+    @property
+    def mode_columns(self) -> tuple[int, ...]:
+        return tuple(self.attribute_names.index(name) for name in self.mode_attributes)
 
     def _as_images(self, images: torch.Tensor) -> torch.Tensor:
         # MLP generators emit flat [N, C*H*W] vectors; accept them as well as [N, C, H, W].
@@ -160,37 +243,66 @@ class Evaluator:
             )
         return images
 
+    def predict(
+        self, images: torch.Tensor, batch_size: int = 1000
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities [N, outputs] and penultimate features [N, D], on the CPU."""
+        return _predict(self.net, self._as_images(images), self.has_attributes, batch_size)
+
     def predict_probs(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Class probabilities [N, num_classes] on the CPU for images in [0, 1] on any device."""
-        return _predict_probs(self.net, self._as_images(images), self.num_classes, batch_size)
+        """Class (or attribute) probabilities [N, outputs] on the CPU for images in [0, 1] on any
+        device."""
+        return self.predict(images, batch_size)[0]
 
     def measure(self, images: torch.Tensor) -> Measurement:
-        """Mode entropy, mean image entropy, histogram and per-image values for `images`."""
-        return measurement_from_probs(self.predict_probs(images), self.num_classes)
+        """Mode entropy, mean image entropy, histogram, per-image values and Frechet distance."""
+        probs, features = self.predict(images)
+        measurement = self._measurement(probs)
+        if self.reference_features is not None and len(features) >= 2:
+            measurement.frechet_distance = frechet_distance_from_statistics(
+                *feature_statistics(features), *self.reference_features
+            )
+        return measurement
+
+    def _measurement(self, probs: torch.Tensor) -> Measurement:
+        if self.has_attributes:
+            return measurement_from_attribute_probs(probs, self.mode_columns)
+        return measurement_from_probs(probs, self.num_classes)
 
     def state(self) -> dict:
         """Everything needed to rebuild this evaluator; loadable with `weights_only=True`."""
         return {
             "format": STATE_FORMAT,
-            "arch_version": ARCH_VERSION,
+            "arch_version": ATTRIBUTE_ARCH_VERSION if self.has_attributes else ARCH_VERSION,
             "key": self.key,
             "image_shape": list(self.image_shape),
             "num_classes": self.num_classes,
+            "attribute_names": list(self.attribute_names),
+            "mode_attributes": list(self.mode_attributes),
             "accuracy": self.accuracy,
             "weights": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
             "reference": self.reference.as_state(),
+            "reference_features": (
+                list(self.reference_features) if self.reference_features is not None else None
+            ),
             "meta": dict(self.meta),
         }
 
     @classmethod
     def from_state(cls, state: dict, device: str | torch.device = "cpu") -> Evaluator:
         """Rebuild an evaluator saved with :meth:`state`."""
+        attribute_names = tuple(state.get("attribute_names") or ())
+        arch = ATTRIBUTE_ARCH_VERSION if attribute_names else ARCH_VERSION
         found = (state.get("format"), state.get("arch_version"))
-        if found != (STATE_FORMAT, ARCH_VERSION):
+        if found != (STATE_FORMAT, arch):
             raise ValueError(f"evaluator state (format, arch) {found} is not supported")
         image_shape = tuple(int(s) for s in state["image_shape"])
-        net = build_classifier(image_shape[0], int(state["num_classes"]))
+        if attribute_names:
+            net = build_attribute_classifier(image_shape[0], len(attribute_names))
+        else:
+            net = build_classifier(image_shape[0], int(state["num_classes"]))
         net.load_state_dict(state["weights"])
+        features = state.get("reference_features")
         return cls(
             net.to(device),
             image_shape=image_shape,
@@ -199,6 +311,9 @@ class Evaluator:
             reference=Measurement.from_state(state["reference"]),
             key=str(state["key"]),
             meta=state.get("meta"),
+            attribute_names=attribute_names,
+            mode_attributes=tuple(state.get("mode_attributes") or ()),
+            reference_features=tuple(features) if features is not None else None,
         )
 
     def to(self, device: str | torch.device) -> Evaluator:
@@ -207,23 +322,41 @@ class Evaluator:
         return self
 
 
-def _predict_probs(
-    net: nn.Module, images: torch.Tensor, num_classes: int, batch_size: int = 1000
-) -> torch.Tensor:
+def _predict(
+    net: nn.Sequential, images: torch.Tensor, attributes: bool, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities (sigmoid for attributes, else softmax) and the last hidden layer's features."""
     device = next(net.parameters()).device
+    body, head = net[:-1], net[-1]
     net.eval()
-    chunks = []
+    probs, features = [], []
     with torch.no_grad():  # not inference_mode: callers may still use the probs under autograd
         for batch in images.split(batch_size):
-            chunks.append(net(batch.to(device, torch.float32)).softmax(dim=1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, num_classes)
+            hidden = body(batch.to(device, torch.float32))
+            logits = head(hidden)
+            probs.append((logits.sigmoid() if attributes else logits.softmax(dim=1)).cpu())
+            features.append(hidden.cpu())
+    if not probs:
+        return torch.empty(0, head.out_features), torch.empty(0, head.in_features)
+    return torch.cat(probs), torch.cat(features)
 
 
 # --- training -------------------------------------------------------------------------------
 
 
-def evaluator_key(dataset: Dataset, epochs: int) -> str:
-    """Cache key: a hash of everything that determines the trained weights."""
+def attribute_steps(num_train: int, epochs: int | None) -> int:
+    """Training steps of the attribute classifier: `epochs` passes over the training images, by
+    default those of `default_epochs` but at most ATTRIBUTE_MAX_VISITS images in all (full
+    CelebA would otherwise take ~500k decoded images, slow on the CPU where studies train it)."""
+    if epochs is None:
+        visits = min(default_epochs(num_train) * num_train, ATTRIBUTE_MAX_VISITS)
+    else:
+        visits = epochs * num_train
+    return max(1, math.ceil(visits / BATCH_SIZE))
+
+
+def evaluator_key(dataset: Dataset, epochs: int | None) -> str:
+    """Cache key: a hash of everything that determines the trained weights (and reference)."""
     recipe = {
         "data": dataset.fingerprint,
         "arch": ARCH_VERSION,
@@ -233,6 +366,14 @@ def evaluator_key(dataset: Dataset, epochs: int) -> str:
         "lr": LEARNING_RATE,
         "dropout": DROPOUT,
     }
+    if dataset.has_attributes:
+        recipe.update(
+            arch=ATTRIBUTE_ARCH_VERSION,
+            epochs=None,
+            steps=attribute_steps(len(dataset.train_labels), epochs),
+            modes=list(MODE_ATTRIBUTES),
+            held_out=HELD_OUT_LIMIT,
+        )
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -270,33 +411,106 @@ def _fit(net: nn.Module, dataset: Dataset, epochs: int, device: torch.device) ->
     net.eval()
 
 
+def _fit_attributes(net: nn.Module, dataset: Dataset, steps: int, device: torch.device) -> None:
+    """As `_fit`, with one binary cross-entropy per attribute, for `steps` batches drawn as the
+    trainer draws them (from memory, or streamed from disk for full CelebA)."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=LEARNING_RATE, total_steps=steps
+    )
+    batches = training_batches(dataset, BATCH_SIZE, SEED, device)  # own seeded stream
+    net.train()
+    try:
+        for _ in range(steps):
+            images, labels = batches.next_with_labels()
+            loss = F.binary_cross_entropy_with_logits(net(images), labels.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    finally:
+        batches.close()
+    net.eval()
+
+
+def _check_mode_attributes(dataset: Dataset) -> None:
+    missing = [name for name in MODE_ATTRIBUTES if name not in dataset.attribute_names]
+    if missing:
+        raise GvaeError(
+            f"dataset '{dataset.name}': attribute {missing[0]} is not among its attribute names "
+            f"({', '.join(dataset.attribute_names)}); use the original attribute list"
+        )
+
+
+def _held_out(
+    net: nn.Sequential, dataset: Dataset
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities, features and labels of the first HELD_OUT_LIMIT held-out images."""
+    probs, features, labels = [], [], []
+    for images, batch_labels in held_out_batches(dataset, 1000, HELD_OUT_LIMIT):
+        batch_probs, batch_features = _predict(net, images, dataset.has_attributes)
+        probs.append(batch_probs)
+        features.append(batch_features)
+        labels.append(batch_labels)
+    return torch.cat(probs), torch.cat(features), torch.cat(labels)
+
+
 def train_evaluator(
-    dataset: Dataset, epochs: int, device: str | torch.device = "cpu", key: str = ""
+    dataset: Dataset, epochs: int | None, device: str | torch.device = "cpu", key: str = ""
 ) -> Evaluator:
-    """Train the classifier deterministically and score it on the held-out split."""
-    if epochs < 1:
+    """Train the classifier deterministically and score it on the held-out split.
+
+    `epochs` are passes over the training images; None picks `default_epochs` (for attributes,
+    capped as in `attribute_steps`).
+    """
+    if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    attributes = dataset.has_attributes
+    if epochs is None and not attributes:
+        epochs = default_epochs(len(dataset.train_labels))
     device = torch.device(device)
+    channels = dataset.image_shape[0]
     started = time.perf_counter()
     with _private_rng(device, SEED):
-        net = build_classifier(dataset.image_shape[0], dataset.num_classes).to(device)
-        _fit(net, dataset, epochs, device)
+        if attributes:
+            _check_mode_attributes(dataset)
+            steps = attribute_steps(len(dataset.train_labels), epochs)
+            net = build_attribute_classifier(channels, len(dataset.attribute_names)).to(device)
+            _fit_attributes(net, dataset, steps, device)
+        else:
+            net = build_classifier(channels, dataset.num_classes).to(device)
+            _fit(net, dataset, epochs, device)
     seconds = round(time.perf_counter() - started, 2)
-    probs = _predict_probs(net, dataset.test_images, dataset.num_classes)
+    probs, features, labels = _held_out(net, dataset)
+    mode_attributes = MODE_ATTRIBUTES if attributes else ()
+    if attributes:
+        columns = tuple(dataset.attribute_names.index(name) for name in mode_attributes)
+        reference = measurement_from_attribute_probs(probs, columns)
+        correct = (probs > 0.5).long() == labels  # per image and attribute
+    else:
+        reference = measurement_from_probs(probs, dataset.num_classes)
+        correct = probs.argmax(dim=1) == labels
+    meta = {
+        "dataset": dataset.name,
+        "fingerprint": dataset.fingerprint,
+        "epochs": epochs,
+        "seed": SEED,
+        "train_seconds": seconds,
+        "held_out_images": len(labels),
+    }
+    if attributes:
+        meta.update(steps=steps, batch_size=BATCH_SIZE)
     return Evaluator(
         net,
         image_shape=dataset.image_shape,
         num_classes=dataset.num_classes,
-        accuracy=float((probs.argmax(dim=1) == dataset.test_labels).double().mean()),
-        reference=measurement_from_probs(probs, dataset.num_classes),
+        accuracy=float(correct.double().mean()),
+        reference=reference,
         key=key or evaluator_key(dataset, epochs),
-        meta={
-            "dataset": dataset.name,
-            "fingerprint": dataset.fingerprint,
-            "epochs": epochs,
-            "seed": SEED,
-            "train_seconds": seconds,
-        },
+        meta=meta,
+        attribute_names=dataset.attribute_names,
+        mode_attributes=mode_attributes,
+        reference_features=feature_statistics(features) if len(features) >= 2 else None,
     )
 
 
@@ -377,7 +591,8 @@ def load_or_train_evaluator(
     epochs: int | None = None,
 ) -> Evaluator:
     """The evaluator for `dataset`: from the disk cache if present, else trained and cached."""
-    epochs = default_epochs(len(dataset.train_images)) if epochs is None else epochs
+    if epochs is None and not dataset.has_attributes:
+        epochs = default_epochs(len(dataset.train_labels))
     key = evaluator_key(dataset, epochs)
     folder = _prepare_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     path = folder / f"{dataset.name}-{key}.pt"

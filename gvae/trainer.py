@@ -20,7 +20,7 @@ import torch
 from torchvision.utils import save_image
 
 from gvae.config import TrialConfig
-from gvae.data import load_dataset
+from gvae.data import BatchSampler, StreamedBatches, load_dataset, training_batches
 from gvae.evaluator import Evaluator, load_or_train_evaluator
 from gvae.models import MODELS, GenerativeModel
 
@@ -50,6 +50,7 @@ class TrialOutcome:
     device: str
     evaluator_accuracy: float
     reference: dict[str, float] = field(default_factory=dict)
+    mode_attributes: tuple[str, ...] = ()  # what mode_entropy counts, when not classes (CelebA)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,17 +66,7 @@ def make_deterministic(device: torch.device) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-class BatchSampler:
-    """Draws random training batches from in-memory images with its own seeded generator."""
-
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.images = images
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self) -> torch.Tensor:
-        index = torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
-        return self.images[index.to(self.images.device)]
+Batches = BatchSampler | StreamedBatches  # in memory, or decoded from disk (see gvae.data)
 
 
 def run_trial(
@@ -100,7 +91,7 @@ def run_trial(
 
     torch.manual_seed(config.seed)
     model = MODELS[config.model](config, dataset.image_shape, device)
-    batches = BatchSampler(dataset.train_images.to(device), config.batch_size, config.seed)
+    batches = training_batches(dataset, config.batch_size, config.seed, device)
     # Fixed evaluation noise, drawn apart from the training streams: every evaluation of a trial
     # looks at the same latent codes, and evaluating never shifts the training randomness.
     eval_noise = torch.randn(
@@ -116,26 +107,31 @@ def run_trial(
     final: dict[str, Any] = {}
     loss_sums: dict[str, torch.Tensor] = {}
     window_iterations, window_seconds = 0, 0.0
-    for iteration in range(start + 1, config.iterations + 1):
-        tick = time.perf_counter()
-        losses = model.train_step(batches)
-        _check_finite(losses, iteration)
-        for name, value in losses.items():
-            loss_sums[name] = loss_sums.get(name, 0.0) + value
-        window_iterations += 1
-        window_seconds += time.perf_counter() - tick
+    try:
+        for iteration in range(start + 1, config.iterations + 1):
+            tick = time.perf_counter()
+            losses = model.train_step(batches)
+            _check_finite(losses, iteration)
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0.0) + value
+            window_iterations += 1
+            window_seconds += time.perf_counter() - tick
 
-        if iteration % config.eval_every and iteration != config.iterations:
-            continue
-        row, final = _evaluate(model, evaluator, eval_noise, iteration)
-        row.update({name: float(total) / window_iterations for name, total in loss_sums.items()})
-        row["iterations_per_second"] = window_iterations / max(window_seconds, 1e-9)
-        curve.append(row)
-        log(_progress_line(config, row))
-        if out_dir is not None:
-            save_image(final["grid_images"], out_dir / f"samples_{iteration:07d}.png", nrow=10)
-        _checkpoint_and_report(model, batches, device, iteration, curve, row, final, report)
-        loss_sums, window_iterations, window_seconds = {}, 0, 0.0
+            if iteration % config.eval_every and iteration != config.iterations:
+                continue
+            row, final = _evaluate(model, evaluator, eval_noise, iteration)
+            row.update(
+                {name: float(total) / window_iterations for name, total in loss_sums.items()}
+            )
+            row["iterations_per_second"] = window_iterations / max(window_seconds, 1e-9)
+            curve.append(row)
+            log(_progress_line(config, row))
+            if out_dir is not None:
+                save_image(final["grid_images"], out_dir / f"samples_{iteration:07d}.png", nrow=10)
+            _checkpoint_and_report(model, batches, device, iteration, curve, row, final, report)
+            loss_sums, window_iterations, window_seconds = {}, 0, 0.0
+    finally:
+        batches.close()  # stops the decoding workers of a streamed dataset
 
     if not final:  # resumed from a checkpoint of the last iteration: nothing left to train
         _, final = _evaluate(model, evaluator, eval_noise, config.iterations)
@@ -149,6 +145,7 @@ def run_trial(
             "mode_entropy": evaluator.reference.mode_entropy,
             "mean_image_entropy": evaluator.reference.mean_image_entropy,
         },
+        mode_attributes=evaluator.mode_attributes,
     )
 
 
@@ -165,7 +162,7 @@ def _evaluate(
     eval_noise: torch.Tensor,
     iteration: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One curve row (scalars and the class histogram) and the arrays of this evaluation."""
+    """One curve row (scalars and the mode histogram) and the arrays of this evaluation."""
     tick = time.perf_counter()
     images = torch.cat([model.sample(chunk) for chunk in eval_noise.split(SAMPLE_CHUNK)])
     measurement = evaluator.measure(images)
@@ -174,8 +171,10 @@ def _evaluate(
         "mode_entropy": measurement.mode_entropy,
         "mean_image_entropy": measurement.mean_image_entropy,
         "class_histogram": measurement.class_histogram,
-        "eval_seconds": time.perf_counter() - tick,
     }
+    if measurement.frechet_distance is not None:
+        row["frechet_distance"] = measurement.frechet_distance
+    row["eval_seconds"] = time.perf_counter() - tick
     grid = images[:GRID_SIZE].cpu()
     arrays = {
         "grid_images": grid,
@@ -193,16 +192,19 @@ def _png_base64(images: torch.Tensor) -> str:
 
 
 def _progress_line(config: TrialConfig, row: dict[str, Any]) -> str:
+    distance = (
+        f"frechet_distance {row['frechet_distance']:.3g}  " if "frechet_distance" in row else ""
+    )
     return (
         f"[{config.model} seed={config.seed}] it {row['iteration']}/{config.iterations}  "
         f"mode_entropy {row['mode_entropy']:.3f}  mean_image_entropy "
-        f"{row['mean_image_entropy']:.3f}  {row['iterations_per_second']:.1f} it/s"
+        f"{row['mean_image_entropy']:.3f}  {distance}{row['iterations_per_second']:.2f} it/s"
     )
 
 
 def _checkpoint_and_report(
     model: GenerativeModel,
-    batches: BatchSampler,
+    batches: Batches,
     device: torch.device,
     iteration: int,
     curve: list[dict[str, Any]],
@@ -217,7 +219,7 @@ def _checkpoint_and_report(
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "batches": batches.generator.get_state(),
+            "batches": batches.state(),
         },
     }
     with tempfile.TemporaryDirectory(prefix="gvae-ckpt-") as directory:
@@ -230,12 +232,12 @@ def _checkpoint_and_report(
 
 
 def _load_checkpoint(
-    directory: Path, model: GenerativeModel, batches: BatchSampler, device: torch.device
+    directory: Path, model: GenerativeModel, batches: Batches, device: torch.device
 ) -> tuple[int, list[dict[str, Any]]]:
     state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if device.type == "cuda" and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
-    batches.generator.set_state(state["rng"]["batches"].cpu())
+    batches.load_state(state["rng"]["batches"])
     return int(state["iteration"]), list(state["curve"])
