@@ -16,7 +16,7 @@ from gvae.config import TrialConfig
 from gvae.study.results import CURVES, TRIALS, ResultsStore
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
-CURVE_EXTRA_KEYS = ("iterations_per_second", "eval_seconds")
+CURVE_EXTRA_KEYS = ("frechet_distance", "iterations_per_second", "eval_seconds")
 ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
 CONTEXT_KEYS = (
     "device",
@@ -25,6 +25,7 @@ CONTEXT_KEYS = (
     "evaluator_accuracy",
     "real_mode_entropy",
     "real_mean_image_entropy",
+    "mode_attributes",
 )
 
 

@@ -38,7 +38,7 @@ TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 STUDY_LEVEL_FIELDS = {"dataset", "iterations", "eval_every", "model"}
 SEARCHABLE = {"model", "lam", "d", "lr", "seed", "batch_size", "n_critic", "clip", "gan_loss"}
 SEARCHABLE |= {"device"}  # e.g. a grid over cpu and cuda to compare throughput
-METRICS = ("mode_entropy", "mean_image_entropy")
+METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
         "evaluator_accuracy": evaluator.accuracy,
         "real_mode_entropy": evaluator.reference.mode_entropy,
         "real_mean_image_entropy": evaluator.reference.mean_image_entropy,
+        # What mode_entropy counts on face data (joint attribute values); None for classes.
+        "mode_attributes": " x ".join(evaluator.mode_attributes) or None,
     }
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
