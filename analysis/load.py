@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-import yaml
 
 from gvae.errors import GvaeError
 from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
-from gvae.study.spec import StudySpec, parse_study
+from gvae.study.spec import StudySpec, parse_study, read_yaml
 
 # The driver's SPEC_FILE; not imported from gvae.study.driver, which pulls in Ray (seconds).
 SPEC_FILE = "study.yaml"
@@ -35,7 +34,7 @@ def load_study(name: str, storage: str = "results") -> Study:
             "`gvae study run FILE` first"
         )
     with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
-        spec = parse_study(yaml.safe_load(stream.readall().decode()))
+        spec = parse_study(read_yaml(stream.readall().decode()))
     trials = store.read(TRIALS)
     if trials.empty:
         raise GvaeError(f"name: study {name!r} has no recorded trials yet; run or resume it first")

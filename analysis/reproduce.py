@@ -146,7 +146,7 @@ def reproduce(
     else:
         reason = "chosen with --trial"
     row = find_trial(study.trials, trial_id)
-    recorded_device = str(row.get("device") or "cpu")
+    recorded_device = str(row.get("device_used") or "cpu")
     config = trial_config(row, device or default_device(recorded_device))
     log(
         f"study {study.name}: re-running trial {row['trial_id']} ({config.model}, seed "

@@ -33,6 +33,8 @@ class LocalRayCluster:
         self.address = ""
         # Head, workers and drivers must agree on the auth mode to join one cluster.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+        # As with an activated virtualenv: Ray Jobs find `gvae` on the nodes' PATH.
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True)
 
     def start_head(self, num_cpus: int = 1, dashboard: bool = False) -> str:

@@ -79,7 +79,7 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
         ("gan", 1),
     ]
     assert set(trials.status) == {"finished"} and set(trials.iterations_done) == {40}
-    for column in ("lam", "d", "lr", "arch", "latent_dim", "node", "device", "git_commit"):
+    for column in ("lam", "d", "lr", "arch", "node", "device", "device_used", "git_commit"):
         assert column in trials.columns and trials[column].notna().all(), column
     assert trials.lr.tolist() == [2e-4] * 4  # resolved model default, not left blank
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()

@@ -128,3 +128,9 @@ def test_grid_and_optuna_parse():
         ("mode_entropy", "max"),
         ("mean_image_entropy", "min"),
     ]
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump(VALID).replace("batch_size: 16", "batch_size: 16\n  lr: 1e-4"))
+    assert load_study(study).fixed["lr"] == 1e-4

@@ -6,11 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gvae.errors import GvaeError
 from gvae.study.results import ResultsStore, study_uri
-from gvae.study.spec import load_study
+from gvae.study.spec import load_study, read_yaml
 
 
 def add_parser(subparsers: Any) -> None:
@@ -55,7 +53,7 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_study(args.study_file)  # validated before Ray starts
-    raw = yaml.safe_load(args.study_file.read_text())
+    raw = read_yaml(args.study_file.read_text())
     return _execute(spec, raw, args)
 
 

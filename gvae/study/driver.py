@@ -28,7 +28,7 @@ from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.results import TRIALS, ResultsStore, study_uri
-from gvae.study.spec import Range, StudySpec, parse_study
+from gvae.study.spec import Range, StudySpec, parse_study, read_yaml
 from gvae.study.trainable import train_trial
 
 EXPERIMENT = "tune"
@@ -61,6 +61,7 @@ def run_study(
     dataset = load_dataset(spec.dataset, spec.fixed.get("data_root", "data"))
     evaluator = load_or_train_evaluator(dataset, log=log)
 
+    _leave_job_working_dir()
     _init_ray(address, log)
     _check_gpus(spec, address is not None, log)
     trainable = tune.with_resources(
@@ -88,7 +89,7 @@ def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]
             "or pass --storage"
         )
     with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
-        raw = yaml.safe_load(stream.readall().decode())
+        raw = read_yaml(stream.readall().decode())
     return parse_study(raw), raw
 
 
@@ -125,7 +126,7 @@ def _check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
     if not _exists(store, SPEC_FILE):
         return
     with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
-        saved = yaml.safe_load(stream.readall().decode())
+        saved = read_yaml(stream.readall().decode())
     if saved != raw_spec:
         raise GvaeError(
             f"name: a different study named {raw_spec['name']!r} already ran in {store.uri}; "
@@ -155,6 +156,17 @@ def _init_ray(address: str | None, log: Callable[[str], None]) -> None:
     )
 
 
+def _leave_job_working_dir() -> None:
+    """Under `ray job submit --working-dir`, step out of the unpacked working dir.
+
+    Ray may delete that folder while the job's driver still runs (seen right after ray.init), and
+    Tune's final ExperimentAnalysis then fails in os.getcwd() (ray-project/ray issue 52343).
+    Every path the driver needs is absolute by now.
+    """
+    if "working_dir_files" in os.getcwd():
+        os.chdir(os.path.expanduser("~"))
+
+
 def _check_gpus(spec: StudySpec, on_cluster: bool, log: Callable[[str], None]) -> None:
     """Fail fast, with the fix, when trials ask for GPUs that will never come."""
     if spec.gpus <= 0:
@@ -175,6 +187,7 @@ def _new_tuner(spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecor
     tune_config: dict[str, Any] = {
         "max_concurrent_trials": spec.concurrency or None,
         "scheduler": _scheduler(spec),
+        "reuse_actors": True,  # no new worker process (and torch import) per trial
     }
     if spec.search_type == "grid":
         param_space["model"] = tune.grid_search(list(spec.models))
@@ -247,7 +260,7 @@ def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
                 f"mean_image_entropy {row['final_mean_image_entropy']:.3f}"
             )
     for _, row in trials[trials["status"].isin(["failed", "diverged"])].iterrows():
-        reason = row["error"] if row["status"] == "failed" else f"at it {row['diverged_at']}"
+        reason = row["error"] if row["status"] == "failed" else f"at it {row['diverged_at']:.0f}"
         lines.append(f"  {row['status']}: {row['trial_id']} {row['model']}: {reason}")
     lines.append(f"tables: {store.location(TRIALS)}, {store.location('curves.parquet')}")
     return lines

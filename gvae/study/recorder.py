@@ -19,8 +19,9 @@ CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogra
 CURVE_EXTRA_KEYS = ("frechet_distance", "iterations_per_second", "eval_seconds")
 ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
 CONTEXT_KEYS = (
-    "device",
+    "device_used",
     "node",
+    "node_id",
     "threads",
     "evaluator_accuracy",
     "real_mode_entropy",
@@ -62,6 +63,9 @@ class ParquetRecorder(Callback):
         row.update({key: result[key] for key in CONTEXT_KEYS if key in result})
         if "diverged_at" in result:
             row["diverged_at"] = result["diverged_at"]
+            row["iterations_done"] = result["diverged_at"] - 1
+            row["error"] = result["diverged_error"]
+            self.flush()
             return
         self._add_curve_row(trial, result)
         row["iterations_done"] = result["iteration"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,22 @@ class StudySpec:
         return len(self.grid_trials()) if self.search_type == "grid" else self.trials
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (no dot, no sign) as a string; study files mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse study-file YAML (numbers such as 1e-5 included)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_study(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     path = Path(path)
@@ -117,7 +134,7 @@ def load_study(path: str | Path) -> StudySpec:
             f"study file: {path} does not exist; pass the path of a studies/*.yaml file"
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -6,15 +6,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
 from gvae.config import TrialConfig
 from gvae.evaluator import Evaluator
 from gvae.trainer import Diverged, resolve_device, run_trial
-
-# Reported once per trial; the driver moves them from the curve into the trials table.
-TRIAL_LEVEL_KEYS = ("device", "node", "threads", "evaluator_accuracy", "real_mode_entropy")
 
 
 def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None:
@@ -23,8 +21,9 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
     device = resolve_device(config.device)
     evaluator = Evaluator.from_state(evaluator_state, device=device)
     context = {
-        "device": str(device),
+        "device_used": str(device),
         "node": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # tells apart nodes on one host
         "threads": torch.get_num_threads(),
         "evaluator_accuracy": evaluator.accuracy,
         "real_mode_entropy": evaluator.reference.mode_entropy,
@@ -53,7 +52,7 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
                 )
     except Diverged as error:
         # Not retried: the same config and seed would diverge again at the same iteration.
-        tune.report({**context, "iteration": error.iteration, "diverged_at": error.iteration})
+        tune.report({**context, "diverged_at": error.iteration, "diverged_error": str(error)})
 
 
 def _quiet(_line: str) -> None:
