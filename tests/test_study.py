@@ -157,6 +157,20 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_pa
     assert (again.wall_seconds == finished_before.wall_seconds).all()  # not re-run
 
 
+def test_gpu_trials_on_a_cluster_without_gpus_stop_with_the_fix(cluster, tmp_path):
+    study = write_study(
+        tmp_path, "gpu", models=["vae"], search={"grid": {"seed": [0]}}, resources={"gpus": 1}
+    )
+    process = gvae(
+        cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"), "--gpu-wait", "1"
+    )
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, output[-2000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("gvae: error: resources.gpus:") and "set resources.gpus: 0" in last
+    assert not (tmp_path / "r" / "gpu" / "trials.parquet").exists()
+
+
 def test_study_status_reads_the_tables(cluster, tmp_path):
     study = write_study(tmp_path, "status", models=["vae"], search={"grid": {"seed": [0]}})
     run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))

@@ -49,6 +49,13 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         help="results folder or URI reachable by every node, e.g. s3://bucket/gvae "
         "(default: the study file's storage, else ./results)",
     )
+    parser.add_argument(
+        "--gpu-wait",
+        type=float,
+        default=None,
+        help="seconds to wait for the cluster's autoscaler to add GPU nodes when trials ask for "
+        "GPUs and none are there (default: 900; without --address: no wait)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,7 +74,8 @@ def _resume(args: argparse.Namespace) -> int:
 def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     from gvae.study.driver import run_study, summary_lines  # Ray imports are slow: only here
 
-    run = run_study(spec, raw, address=args.address, storage=args.storage)
+    wait = {} if args.gpu_wait is None else {"gpu_wait": args.gpu_wait}
+    run = run_study(spec, raw, address=args.address, storage=args.storage, **wait)
     print("\n".join(summary_lines(run.store, spec)))
     return 0
 

@@ -36,7 +36,9 @@ EXPERIMENT = "tune"
 # point here (every evaluation), so the warning is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 SPEC_FILE = "study.yaml"
-GPU_WAIT_SECONDS = 120.0
+# How long a study on a cluster waits for the autoscaler to bring the first GPU node: launching a
+# cloud GPU instance and running its setup commands takes minutes.
+GPU_WAIT_SECONDS = 900.0
 
 
 @dataclass
@@ -52,6 +54,7 @@ def run_study(
     address: str | None = None,
     storage: str | None = None,
     log: Callable[[str], None] = print,
+    gpu_wait: float = GPU_WAIT_SECONDS,
 ) -> StudyRun:
     """Run (or continue) a study; returns where its tables are."""
     storage = storage or spec.storage
@@ -63,7 +66,7 @@ def run_study(
 
     _leave_job_working_dir()
     _init_ray(address, log)
-    _check_gpus(spec, address is not None, log)
+    _check_gpus(spec, gpu_wait if address else 0.0, log)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_state=evaluator.state()),
         {"cpu": spec.cpus, "gpu": spec.gpus},
@@ -167,19 +170,19 @@ def _leave_job_working_dir() -> None:
         os.chdir(os.path.expanduser("~"))
 
 
-def _check_gpus(spec: StudySpec, on_cluster: bool, log: Callable[[str], None]) -> None:
-    """Fail fast, with the fix, when trials ask for GPUs that will never come."""
+def _check_gpus(spec: StudySpec, wait: float, log: Callable[[str], None]) -> None:
+    """Stop, with the fix, when trials ask for GPUs that do not come within `wait` seconds."""
     if spec.gpus <= 0:
         return
-    deadline = time.monotonic() + (GPU_WAIT_SECONDS if on_cluster else 0)
+    deadline = time.monotonic() + wait
     while ray.cluster_resources().get("GPU", 0) <= 0:
         if time.monotonic() >= deadline:
             raise GvaeError(
-                f"resources.gpus: trials ask for {spec.gpus:g} GPU but the Ray cluster has none; "
-                "set resources.gpus: 0 or add GPU workers (see cluster.yaml)"
+                f"resources.gpus: trials ask for {spec.gpus:g} GPU but the Ray cluster has none "
+                f"(waited {wait:g} s); set resources.gpus: 0 or add GPU workers (see cluster.yaml)"
             )
         log("waiting for the autoscaler to add a GPU node ...")
-        time.sleep(10)
+        time.sleep(min(10.0, max(deadline - time.monotonic(), 0.0)))
 
 
 def _new_tuner(spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecorder) -> tune.Tuner:

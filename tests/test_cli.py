@@ -1,0 +1,88 @@
+"""`gvae train` as a user runs it: the files it leaves, resuming, and the bad-input table."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from gvae.cli import main
+
+TINY = ["--iterations", "20", "--eval-every", "10", "--eval-samples", "200", "--batch-size", "16"]
+
+
+def test_train_leaves_curve_grids_checkpoint_and_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(
+            ["train", "--model", "cvaegan", "--lam", "1.0", "--d", "0.5", *TINY, "--out", str(out)]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "it 10/20" in printed and "it 20/20" in printed
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "checkpoint.pt",
+        "config.json",
+        "curve.parquet",
+        "metrics.json",
+        "samples_0000010.png",
+        "samples_0000020.png",
+    ]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "cvaegan" and config["lr"] == 2e-4 and config["d"] == 0.5
+    curve = pd.read_parquet(out / "curve.parquet")
+    assert curve.iteration.tolist() == [10, 20]
+    assert {"recon_loss", "kl_loss", "gan_loss", "d_loss"} <= set(curve.columns)
+
+
+def test_resume_continues_a_run_to_more_iterations(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vae", *TINY, "--out", str(out)]) == 0
+    longer = [*TINY[:1], "40", *TINY[2:]]
+    assert main(["train", "--model", "vae", *longer, "--out", str(out), "--resume"]) == 0
+    curve = pd.read_parquet(out / "curve.parquet")
+    assert curve.iteration.tolist() == [10, 20, 30, 40]
+    straight = tmp_path / "straight"
+    assert main(["train", "--model", "vae", *longer, "--out", str(straight)]) == 0
+    expected = pd.read_parquet(straight / "curve.parquet")
+    for column in ("mode_entropy", "mean_image_entropy", "recon_loss", "kl_loss"):
+        assert curve[column].tolist() == expected[column].tolist()
+
+
+BAD = [
+    (["--model", "gann"], "model"),
+    (["--dataset", "cifar10"], "dataset"),
+    (["--lam", "-1"], "lam"),
+    (["--d", "-0.5"], "d"),
+    (["--lr", "0"], "lr"),
+    (["--iterations", "0"], "iterations"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--iterations", "10", "--eval-every", "20"], "eval_every"),
+    (["--dataset", "mnist", "--data-root", "EMPTY"], "dataset"),
+]
+
+
+@pytest.mark.parametrize("flags,field", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(flags, field, tmp_path, capsys):
+    flags = [str(tmp_path / "empty") if f == "EMPTY" else f for f in flags]
+    out = tmp_path / "run"
+    assert main(["train", *TINY, *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gvae: error: {field}") and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_unwritable_out_and_used_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["train", *TINY, "--out", str(blocker / "run")]) == 2
+    assert "--out" in capsys.readouterr().err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("keep me")
+    assert main(["train", *TINY, "--out", str(used)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
