@@ -76,13 +76,21 @@ class LocalRayCluster:
             time.sleep(1)
         raise TimeoutError(f"Ray cluster did not reach {count} nodes")
 
-    def stop(self) -> None:
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this cluster: its Ray daemons and their descendants."""
         markers = [str(self.temp_dir), f":{self.port}"]
         roots = [p for p in psutil.process_iter(["cmdline"]) if _matches(p, markers)]
-        family = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
-        for process in family.values():
+        return list({p.pid: p for root in roots for p in [root, *_descendants(root)]}.values())
+
+    def trial_processes(self) -> list[psutil.Process]:
+        """The worker processes running Tune trials (Ray names them after the actor class)."""
+        return [p for p in self.processes() if "ImplicitFunc" in " ".join(_cmdline(p))]
+
+    def stop(self) -> None:
+        family = self.processes()
+        for process in family:
             _signal(process, "terminate")
-        _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=10)
         for process in alive:
             _signal(process, "kill")
 
@@ -103,6 +111,13 @@ def _matches(process: psutil.Process, markers: list[str]) -> bool:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     return process.pid != os.getpid() and any(marker in cmdline for marker in markers)
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def _descendants(process: psutil.Process) -> list[psutil.Process]:

@@ -10,10 +10,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
+from gvae.config import TrialConfig
+from gvae.trainer import run_trial
 from tests.raycluster import LocalRayCluster
 
 TINY = {
@@ -155,6 +158,42 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_pa
     assert not curves.duplicated(["trial_id", "iteration"]).any() and len(curves) == 8
     again = trials.set_index("trial_id").loc[finished_before.index]
     assert (again.wall_seconds == finished_before.wall_seconds).all()  # not re-run
+
+
+def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):
+    study = write_study(
+        tmp_path,
+        "crash",
+        models=["vae"],
+        iterations=400,
+        eval_every=100,
+        max_failures=2,
+        search={"grid": {"seed": [0]}},
+    )
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    curves_file = tmp_path / "r" / "crash" / "curves.parquet"
+    killed = False
+    deadline = time.monotonic() + 240
+    while not killed and time.monotonic() < deadline:
+        if curves_file.exists() and len(pd.read_parquet(curves_file)) >= 1:
+            for process in cluster.trial_processes():
+                process.kill()  # the trial's worker dies as in a crash or a lost node
+                killed = True
+        time.sleep(0.2)
+    output, _ = driver.communicate(timeout=300)
+    assert killed and driver.returncode == 0, output[-2000:]
+    trials, curves = tables(tmp_path / "r", "crash")
+    row = trials.iloc[0]
+    assert row.status == "finished" and row.retries == 1
+    assert curves.iteration.tolist() == [100, 200, 300, 400]
+
+    # Resumed from a checkpoint, the trial ends exactly where an uninterrupted run ends.
+    torch.set_num_threads(int(row.threads))
+    record = pq.read_table(tmp_path / "r" / "crash" / "trials.parquet").to_pylist()[0]
+    config = TrialConfig.from_dict({f: record[f] for f in TrialConfig.__dataclass_fields__})
+    straight = run_trial(config, log=lambda _: None).curve[-1]
+    assert row.final_mode_entropy == straight["mode_entropy"]
+    assert row.final_recon_loss == straight["recon_loss"]
 
 
 def test_gpu_trials_on_a_cluster_without_gpus_stop_with_the_fix(cluster, tmp_path):
