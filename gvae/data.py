@@ -527,6 +527,9 @@ class StreamedBatches:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=STREAM_PREFETCH if self.workers else None,
+            # Its own generator: otherwise starting the iterator draws a worker seed from the
+            # global RNG, and a resumed run would diverge from a straight one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return iter(loader)
 
@@ -577,7 +580,10 @@ def held_out_batches(
     files = dataset.files
     images = _DecodedImages(files.test[:count], dataset.test_labels[:count], files.decode)
     loader = torch.utils.data.DataLoader(
-        images, batch_size=batch_size, num_workers=min(stream_workers(), math.ceil(count / 256))
+        images,
+        batch_size=batch_size,
+        num_workers=min(stream_workers(), math.ceil(count / 256)),
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
     )
     for batch, labels in loader:
         yield batch.float().div_(255.0), labels

@@ -6,12 +6,14 @@ and an encoder that mirrors the discriminator with mean and log-variance heads.
 
 `conv` is the convolutional family of Larsen et al. (2015, Table 1 of their appendix), all 5x5
 kernels, batch norm and ReLU:
-  encoder        conv 64 /2, conv 128 /2, conv 256 /2, fc 2048, then the mean and log-variance heads
+  encoder        conv 64 /2, conv 128 /2, conv 256 /2, then the mean and log-variance heads
   decoder        fc 8x8x256, convT 256 x2, convT 128 x2, convT 32 x2, conv C, sigmoid
   discriminator  conv 32, conv 128 /2, conv 256 /2, conv 256 /2, fc 512, fc 1 (a logit)
 for 64x64 images (8x8 after three halvings). 28x28 images (MNIST) get the same layers with the
 first two halvings only (28 -> 14 -> 7); the remaining stride-2 layer keeps stride 1.
-Sigmoid rather than Larsen's tanh: every model here works with images in [0, 1].
+Sigmoid rather than Larsen's tanh: every model here works with images in [0, 1]. Larsen's encoder
+has a 2048-unit dense layer (with batch norm) before the heads; it would hold 34M of the encoder's
+35M weights and make every checkpoint ~10x larger, so here the heads read the 8x8x256 features.
 """
 
 from __future__ import annotations
@@ -140,9 +142,8 @@ def conv_encoder(latent_dim: int, image_shape: ImageShape) -> Encoder:
         *_conv_block(64, 128, strides[1]),
         *_conv_block(128, 256, strides[2]),
         nn.Flatten(),
-        *_dense_block(256 * grid * grid, 2048),
     )
-    return Encoder(body, 2048, latent_dim)
+    return Encoder(body, 256 * grid * grid, latent_dim)
 
 
 def conv_generator(latent_dim: int, image_shape: ImageShape) -> nn.Module:
