@@ -18,8 +18,8 @@ from gvae.trainer import CHECKPOINT_FILE, Diverged, run_trial
 
 FIELD_HELP = {
     "model": "gan | wgan | vae | vaegan | cvaegan",
-    "dataset": "mnist5k (offline) | mnist | fashion-mnist",
-    "arch": "network family: mlp (the paper's nets)",
+    "dataset": "mnist5k (offline) | mnist | fashion-mnist | celeba (see docs/celeba.md)",
+    "arch": "network family: mlp (the paper's nets) | conv (Larsen et al., 28x28 or 64x64)",
     "lam": "λ: weight of the constrained GAN term (cvaegan), >= 0",
     "d": "d: margin below which the GAN loss is ignored (cvaegan), >= 0",
     "lr": "learning rate (default: 2e-4 GANs, 5e-5 WGAN, 1e-3 VAE)",
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         "device": outcome.device,
         "evaluator_accuracy": outcome.evaluator_accuracy,
         "real_data": outcome.reference,
+        # On faces, mode_entropy counts the joint values of these attributes rather than classes.
+        "mode_attributes": list(outcome.mode_attributes),
         "final": outcome.curve[-1],
     }
     write_json(out / "metrics.json", summary)
