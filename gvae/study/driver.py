@@ -7,13 +7,15 @@ what makes `gvae study resume` possible.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -61,8 +63,12 @@ def run_study(
     uri = study_uri(storage, spec.name)
     store = ResultsStore(uri)
     _check_same_study(store, raw_spec)
-    dataset = load_dataset(spec.dataset, spec.fixed.get("data_root", "data"))
+    data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
+    dataset = load_dataset(spec.dataset, data_root)
     evaluator = load_or_train_evaluator(dataset, log=log)
+    # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
+    # trials get the folder the driver found the data in.
+    spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
 
     _leave_job_working_dir()
     _init_ray(address, log)
@@ -255,7 +261,10 @@ def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
     done = trials[trials["status"] == "finished"]
     if not done.empty:
         best = done.sort_values("final_mode_entropy", ascending=False).head(5)
-        lines.append("best by final mode_entropy (ln 10 = 2.303 is the ceiling):")
+        modes = len(best.iloc[0]["final_class_histogram"])  # 10 digits, or 8 face modes
+        lines.append(
+            f"best by final mode_entropy (ln {modes} = {math.log(modes):.3f} is the ceiling):"
+        )
         for _, row in best.iterrows():
             lines.append(
                 f"  {row['trial_id']}  {row['model']:8s} seed={row['seed']}  "
