@@ -16,11 +16,17 @@ from gvae.evaluator import Evaluator, default_cache_dir, load_or_train_evaluator
 
 
 @pytest.fixture(scope="module")
-def trained(mnist5k: Dataset) -> tuple[Evaluator, float, list[str]]:
-    """The mnist5k evaluator, trained fresh into the session cache, with time and log lines."""
+def own_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache of this module's own: other tests may have cached the mnist5k evaluator already."""
+    return tmp_path_factory.mktemp("evaluator-cache")
+
+
+@pytest.fixture(scope="module")
+def trained(mnist5k: Dataset, own_cache: Path) -> tuple[Evaluator, float, list[str]]:
+    """The mnist5k evaluator, trained fresh into an empty cache, with time and log lines."""
     lines: list[str] = []
     started = time.perf_counter()
-    evaluator = load_or_train_evaluator(mnist5k, log=lines.append)
+    evaluator = load_or_train_evaluator(mnist5k, cache_dir=own_cache, log=lines.append)
     return evaluator, time.perf_counter() - started, lines
 
 
@@ -53,16 +59,16 @@ def test_held_out_accuracy_on_mnist5k(trained: tuple[Evaluator, float, list[str]
 
 
 def test_second_call_loads_from_cache(
-    trained: tuple[Evaluator, float, list[str]], mnist5k: Dataset, gvae_cache: Path
+    trained: tuple[Evaluator, float, list[str]], mnist5k: Dataset, own_cache: Path
 ) -> None:
     evaluator, train_seconds, _ = trained
     lines: list[str] = []
     started = time.perf_counter()
-    again = load_or_train_evaluator(mnist5k, log=lines.append)
+    again = load_or_train_evaluator(mnist5k, cache_dir=own_cache, log=lines.append)
     assert time.perf_counter() - started < train_seconds
     assert again.key == evaluator.key and again.accuracy == evaluator.accuracy
     assert lines == [
-        f"evaluator: loaded {gvae_cache / 'evaluators' / f'mnist5k-{evaluator.key}.pt'} "
+        f"evaluator: loaded {own_cache / 'evaluators' / f'mnist5k-{evaluator.key}.pt'} "
         f"(held-out accuracy {evaluator.accuracy:.1%})"
     ]
     images = mnist5k.test_images[:300]
