@@ -87,7 +87,7 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
     assert trials.lr.tolist() == [2e-4] * 4  # resolved model default, not left blank
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
     last = curves.sort_values("iteration").groupby("trial_id").last()
-    merged = trials.set_index("trial_id").join(last, how="left", lsuffix="", rsuffix="_c")
+    merged = trials.merge(last, left_on="trial_id", right_index=True, suffixes=("", "_c"))
     assert (merged.final_mode_entropy == merged.mode_entropy).all()
     assert trials.final_image_entropies.map(len).eq(300).all()
 
@@ -128,14 +128,27 @@ def test_a_failing_trial_is_retried_then_recorded_while_the_rest_finish(cluster,
     assert "1 failed" in output and "1 finished" in output
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_path):
-    study = write_study(
-        tmp_path,
-        "resume",
-        models=["gan", "vae"],
-        concurrency=1,
-        search={"grid": {"seed": [0, 1]}},
-    )
+OPTUNA_SEARCH = {
+    "optuna": {
+        "trials": 4,
+        "objectives": {"mode_entropy": "max"},
+        "space": {"lam": {"low": 0.1, "high": 10.0, "log": True}},
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "models,search,resume",
+    [
+        (["gan", "vae"], {"grid": {"seed": [0, 1]}}, "run"),
+        (["cvaegan"], OPTUNA_SEARCH, "resume"),
+    ],
+    ids=["grid-run-again", "optuna-resume-by-name"],
+)
+def test_killed_driver_resumes_without_rerunning_finished_trials(
+    cluster, tmp_path, models, search, resume
+):
+    study = write_study(tmp_path, "resume", models=models, concurrency=1, search=search)
     storage = tmp_path / "r"
     driver = gvae(cluster, "study", "run", str(study), "--storage", str(storage))
     trials_file = storage / "resume" / "trials.parquet"
@@ -150,14 +163,17 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(cluster, tmp_pa
     finished_before = before[before.status == "finished"].set_index("trial_id")
     assert 1 <= len(finished_before) < 4
 
-    output = run_ok(cluster, "study", "run", str(study), "--storage", str(storage))
+    again = ["run", str(study)] if resume == "run" else ["resume", "resume"]
+    output = run_ok(cluster, "study", *again, "--storage", str(storage))
     assert "resuming study resume" in output
     trials, curves = tables(storage, "resume")
     assert len(trials) == 4 and trials.trial_id.is_unique
     assert set(trials.status) == {"finished"}
     assert not curves.duplicated(["trial_id", "iteration"]).any() and len(curves) == 8
-    again = trials.set_index("trial_id").loc[finished_before.index]
-    assert (again.wall_seconds == finished_before.wall_seconds).all()  # not re-run
+    kept = trials.set_index("trial_id").loc[finished_before.index]
+    assert (kept.wall_seconds == finished_before.wall_seconds).all()  # not re-run
+    if "optuna" in search:  # the restored searcher goes on suggesting new points
+        assert trials.lam.nunique() == 4 and trials.lam.between(0.1, 10.0).all()
 
 
 def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):

@@ -52,6 +52,29 @@ class ParquetRecorder(Callback):
         self.curves = {
             (row["trial_id"], row["iteration"]): row for row in self.store.read_rows(CURVES)
         }
+        self._pruned = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self._pruned:
+            self._prune_lost_trials({trial.trial_id for trial in trials})
+            self._pruned = True
+
+    def _prune_lost_trials(self, known: set[str]) -> None:
+        """Drop unfinished rows of trials that a resumed Tune no longer knows.
+
+        A driver killed between starting a trial and Tune's next snapshot of its state leaves a
+        'running' row that Tune never resumes: the searcher suggests that point again under a
+        new trial id, so keeping the row would count the trial twice.
+        """
+        lost = {
+            trial_id
+            for trial_id, row in self.trials.items()
+            if trial_id not in known and row["status"] in ("running", "pending")
+        }
+        if lost:
+            self.trials = {k: v for k, v in self.trials.items() if k not in lost}
+            self.curves = {k: v for k, v in self.curves.items() if k[0] not in lost}
+            self.flush()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_row(trial)["status"] = "running"
