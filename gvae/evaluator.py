@@ -137,18 +137,22 @@ class PoolTo(nn.Module):
         return F.adaptive_avg_pool2d(x, self.size)
 
 
+def _conv_pool_stages(widths: list[int]) -> list[nn.Module]:
+    """5x5 conv, ReLU and 2x2 max-pool per stage: each stage halves the image."""
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Conv2d(width_in, width_out, kernel_size=5, padding=2), nn.ReLU()]
+        layers.append(nn.MaxPool2d(2))
+    return layers
+
+
 def build_classifier(in_channels: int, num_classes: int) -> nn.Sequential:
     """LeNet-style CNN: two 5x5 conv+pool stages, then fc 128 and fc num_classes.
 
     Adaptive pooling fixes the fc input size, so images other than 28x28 still work.
     """
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_conv_pool_stages([in_channels, 16, 32]),
         PoolTo(FEATURE_GRID),
         nn.Flatten(),
         nn.Dropout(DROPOUT),
@@ -162,15 +166,7 @@ def build_classifier(in_channels: int, num_classes: int) -> nn.Sequential:
 def build_attribute_classifier(in_channels: int, num_attributes: int) -> nn.Sequential:
     """Three 5x5 conv+pool stages (64x64 -> 8x8), then fc 128 and one logit per attribute."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *_conv_pool_stages([in_channels, 16, 32, 64]),
         PoolTo(ATTRIBUTE_GRID),
         nn.Flatten(),
         nn.Dropout(DROPOUT),
