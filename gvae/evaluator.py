@@ -151,29 +151,25 @@ def build_classifier(in_channels: int, num_classes: int) -> nn.Sequential:
 
     Adaptive pooling fixes the fc input size, so images other than 28x28 still work.
     """
-    return nn.Sequential(
-        *_conv_pool_stages([in_channels, 16, 32]),
-        PoolTo(FEATURE_GRID),
-        nn.Flatten(),
-        nn.Dropout(DROPOUT),
-        nn.Linear(32 * FEATURE_GRID * FEATURE_GRID, 128),
-        nn.ReLU(),
-        nn.Dropout(DROPOUT),
-        nn.Linear(128, num_classes),
-    )
+    return _conv_classifier([in_channels, 16, 32], FEATURE_GRID, num_classes)
 
 
 def build_attribute_classifier(in_channels: int, num_attributes: int) -> nn.Sequential:
     """Three 5x5 conv+pool stages (64x64 -> 8x8), then fc 128 and one logit per attribute."""
+    return _conv_classifier([in_channels, 16, 32, 64], ATTRIBUTE_GRID, num_attributes)
+
+
+def _conv_classifier(widths: list[int], grid: int, outputs: int) -> nn.Sequential:
+    """Conv+pool stages, pooling to grid x grid, then dropout, fc 128, dropout, fc outputs."""
     return nn.Sequential(
-        *_conv_pool_stages([in_channels, 16, 32, 64]),
-        PoolTo(ATTRIBUTE_GRID),
+        *_conv_pool_stages(widths),
+        PoolTo(grid),
         nn.Flatten(),
         nn.Dropout(DROPOUT),
-        nn.Linear(64 * ATTRIBUTE_GRID * ATTRIBUTE_GRID, 128),
+        nn.Linear(widths[-1] * grid * grid, 128),
         nn.ReLU(),
         nn.Dropout(DROPOUT),
-        nn.Linear(128, num_attributes),
+        nn.Linear(128, outputs),
     )
 
 

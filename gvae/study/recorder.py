@@ -147,24 +147,21 @@ class ParquetRecorder(Callback):
     def flush(self) -> None:
         """Rewrite both tables after every event: a result a trial reported before its last
         checkpoint is never reported again, so it must be on disk before the driver can die."""
-        self.store.write(CURVES, sorted(self.curves.values(), key=_curve_order))
-        self.store.write(TRIALS, [_with_summary(row, self.curves) for row in self.trials.values()])
+        ordered = [self.curves[key] for key in sorted(self.curves)]  # by trial, then iteration
+        self.store.write(CURVES, ordered)
+        by_trial: dict[str, list[dict[str, Any]]] = {}
+        for point in ordered:
+            by_trial.setdefault(point["trial_id"], []).append(point)
+        rows = [_with_summary(r, by_trial.get(r["trial_id"], [])) for r in self.trials.values()]
+        self.store.write(TRIALS, rows)
 
 
-def _curve_order(row: dict[str, Any]) -> tuple[str, int]:
-    return row["trial_id"], row["iteration"]
-
-
-def _with_summary(row: dict[str, Any], curves: dict[tuple[str, int], dict]) -> dict[str, Any]:
-    """The trial row with final and best metrics taken from its curve."""
-    points = sorted(
-        (curve for (trial_id, _), curve in curves.items() if trial_id == row["trial_id"]),
-        key=_curve_order,
-    )
+def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trial row with final and best metrics taken from its curve (in iteration order)."""
     summary = dict(row)
-    for key in ("final_mode_entropy", "final_mean_image_entropy", "best_mode_entropy"):
-        summary.setdefault(key, None)
-    summary.setdefault("best_mean_image_entropy", None)
+    for metric in ("mode_entropy", "mean_image_entropy"):
+        summary.setdefault(f"final_{metric}", None)
+        summary.setdefault(f"best_{metric}", None)
     if points:
         last = points[-1]
         summary["final_mode_entropy"] = last["mode_entropy"]
