@@ -17,7 +17,9 @@ from typing import Any
 
 from ray.tune.search import Repeater, Searcher
 
-SUGGESTION = "suggestion"  # the config key (and trials-table column) naming a replicate's suggestion
+SUGGESTION = (
+    "suggestion"  # the config key (and trials-table column) naming a replicate's suggestion
+)
 
 
 class SeedReplicates(Repeater):
