@@ -1,4 +1,4 @@
-"""An Optuna study seen by suggestion: the mean of each suggestion's seed replicates, with intervals.
+"""An Optuna study seen by suggestion: the mean of its seed replicates, with intervals.
 
 With `search.optuna.replicates: K`, each Optuna suggestion is trained on K seeds and the trials
 table has one row per seed run, tagged with the `suggestion` it belongs to. The Pareto front, the

@@ -23,7 +23,7 @@ SUGGESTION = (
 
 
 class SeedReplicates(Repeater):
-    """Wraps a searcher so that each of its suggestions runs as `replicates` trials, one per seed."""
+    """Wraps a searcher: each of its suggestions runs as `replicates` trials, one per seed."""
 
     def __init__(self, searcher: Searcher, replicates: int, base_seed: int = 0) -> None:
         super().__init__(searcher, repeat=replicates, set_index=False)
