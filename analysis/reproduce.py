@@ -155,6 +155,7 @@ def reproduce(
     trial_id: str | None = None,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    reason: str | None = None,
 ) -> Reproduction:
     """Re-run a trial of `study` (default: `choose_trial`) in this process and compare."""
     import torch
@@ -163,8 +164,7 @@ def reproduce(
 
     if trial_id is None:
         trial_id, reason = choose_trial(study.trials, study.spec)
-    else:
-        reason = "chosen with --trial"
+    reason = reason or "chosen by id"
     row = find_trial(study.trials, trial_id)
     recorded_device = str(row.get("device_used") or "cpu")
     config = trial_config(row, device or default_device(recorded_device))

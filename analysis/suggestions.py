@@ -102,7 +102,7 @@ def importances(
         # Optuna's default evaluator (PED-ANOVA) explains low target values: negate maxima.
         sign = -1.0 if mode == "max" else 1.0
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*importances of params to achieve low")
+            warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
             scores = optuna.importance.get_param_importances(
                 study, target=lambda trial, i=index, s=sign: s * trial.values[i]
             )
