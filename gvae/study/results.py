@@ -135,12 +135,17 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with exactly `schema`'s columns and types (missing ones null)."""
+    if table.schema.equals(schema):
+        return table
     arrays = []
     for field in schema:
-        if field.name in table.column_names:
-            arrays.append(table[field.name].cast(field.type))
-        else:
+        index = table.schema.get_field_index(field.name)
+        if index < 0:
             arrays.append(pa.nulls(table.num_rows, field.type))
+        elif table.schema.field(index).type != field.type:
+            arrays.append(table.column(index).cast(field.type))
+        else:
+            arrays.append(table.column(index))
     return pa.table(arrays, schema=schema)
 
 
@@ -150,7 +155,7 @@ class FragmentedTable:
     def __init__(self, store: ResultsStore, name: str) -> None:
         self.store = store
         self.name = name
-        self.schema = pa.schema([])
+        self._set_schema(pa.schema([]))
         self.folder = False  # True once the table is a dataset folder
         self.written = False  # whether this run wrote a fragment (compaction has work)
 
@@ -176,11 +181,10 @@ class FragmentedTable:
         kind = store.kind(self.name)
         self.folder = kind == pafs.FileType.Directory
         if kind == pafs.FileType.File:
-            self.schema = pq.read_schema(store.path(self.name), filesystem=store.fs)
+            self._set_schema(pq.read_schema(store.path(self.name), filesystem=store.fs))
         elif self.folder:
-            self.schema = pq.read_schema(
-                store.path(f"{self.name}/{SCHEMA_FILE}"), filesystem=store.fs
-            )
+            schema_path = store.path(f"{self.name}/{SCHEMA_FILE}")
+            self._set_schema(pq.read_schema(schema_path, filesystem=store.fs))
 
     def read(self, columns: list[str] | None = None) -> pa.Table | None:
         return self.store.read_table(self.name, columns)
@@ -205,12 +209,25 @@ class FragmentedTable:
         if not rows:
             self.store.delete(path)
             return
+        self.store.put(path, self._as_schema(rows))
+
+    def _as_schema(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """The rows as a table of the table's schema, widening the schema when they need it."""
+        if all(key in self.names for row in rows for key in row):
+            try:  # the usual case, and the fast one: no type inference, no casts
+                return pa.Table.from_pylist(rows, schema=self.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass  # a value the schema's type cannot hold (a float in an int column)
         table = rows_table(rows)
         merged = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
         if not merged.equals(self.schema):  # the schema file first: readers never drop a column
-            self.schema = merged
+            self._set_schema(merged)
             self.store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
-        self.store.put(path, conform(table, self.schema))
+        return conform(table, self.schema)
+
+    def _set_schema(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.names = set(schema.names)
 
     def _ensure_folder(self) -> None:
         if self.folder:
@@ -227,7 +244,7 @@ class FragmentedTable:
         """Rewrite a single-file table (at `source`) as a folder of per-trial fragments."""
         store = self.store
         table = pq.read_table(store.path(source), filesystem=store.fs)
-        self.schema = table.schema
+        self._set_schema(table.schema)
         store.fs.create_dir(store.path(self.name), recursive=True)
         store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
         by_trial: dict[str, list[dict[str, Any]]] = {}
