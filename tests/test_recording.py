@@ -248,3 +248,12 @@ def test_a_diverged_and_a_failed_trial_are_recorded_and_printed(tmp_path):
         "[3/3] 1 done  0 running  0 pending  1 failed  1 diverged  0s elapsed  done  "
         "best mode_entropy 1.900 (vae seed=0)"
     )
+
+
+def test_a_grid_starts_its_longest_trials_first():
+    from gvae.study.driver import longest_first
+    from gvae.study.spec import load_study
+
+    order = [point["model"] for point in longest_first(load_study("studies/quick.yaml"))]
+    # WGAN: 5 critic steps + 1 generator step per iteration; VAE-GANs train three nets.
+    assert order == ["wgan"] * 2 + ["vaegan"] * 2 + ["cvaegan"] * 2 + ["gan"] * 2 + ["vae"] * 2
