@@ -75,6 +75,8 @@ class ConsoleProgress(TuneProgressReporter):
     def setup(self, **info: Any) -> None:
         self.start = time.monotonic()  # a resumed study's ETA counts this run only
         self.ended_this_run = 0
+        self.final = {}  # restored trials that ended before show as TERMINATED or ERROR
+        self.counts = {}
 
     def experiment_started(self, *args: Any, **kwargs: Any) -> None:
         """Tune's header table: the progress line says what matters."""
@@ -122,7 +124,15 @@ class ConsoleProgress(TuneProgressReporter):
     def _trial_line(self, trials: list, trial: Any, status: str) -> None:
         self.ended_this_run += 1
         self.final[trial.trial_id] = status
-        self._count(trials)
+        # Counted on from the last full count: recounting every trial at every end would cost
+        # the driver O(trials^2) over a study.
+        if not self.counts:
+            self._count(trials)
+        else:
+            self.ended += 1
+            key = "done" if status in ("finished", "stopped") else status
+            self.counts[key] += 1
+            self.counts["running"] = max(self.counts["running"] - 1, 0)
         result = trial.last_result or {}
         metrics = "  ".join(
             f"{name} {result[name]:.3f}" for name in SHOWN_METRICS if result.get(name) is not None
@@ -136,8 +146,8 @@ class ConsoleProgress(TuneProgressReporter):
         took = f"  {seconds:.1f} s" if seconds is not None else ""
         line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"
         self._emit(line, keep=True)
-        if self.tty:  # redraw the progress line under the new trial line
-            self._draw(trials)
+        if self.tty:  # the progress line again, under the new trial line
+            self._emit(self.progress_line(), keep=False)
 
     def _count(self, trials: list) -> None:
         counts = {"running": 0, "pending": 0, "failed": 0, "diverged": 0, "done": 0}

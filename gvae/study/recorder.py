@@ -108,9 +108,12 @@ class ParquetRecorder(Callback):
             return
         self._add_curve_row(trial, result)
         row["iterations_done"] = result["iteration"]
-        for key, value in result.items():
-            if key in ARRAY_KEYS:
-                row[f"final_{key}"] = value
+        for key in ARRAY_KEYS:
+            if key in result:
+                # Taken out of the result (Tune allows callbacks to change it): Tune keeps every
+                # trial's last result in memory and writes all of them into each snapshot of its
+                # state, where 10,000 entropies per trial would make snapshots grow with the study.
+                row[f"final_{key}"] = result.pop(key)
         self._write(trial.trial_id, curve=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
