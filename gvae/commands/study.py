@@ -56,6 +56,11 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for the cluster's autoscaler to add GPU nodes when trials ask for "
         "GPUs and none are there (default: 900; without --address: no wait)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray Tune's own status tables and trial results instead of one line per trial",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -75,7 +80,9 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     from gvae.study.driver import run_study, summary_lines  # Ray imports are slow: only here
 
     wait = {} if args.gpu_wait is None else {"gpu_wait": args.gpu_wait}
-    run = run_study(spec, raw, address=args.address, storage=args.storage, **wait)
+    run = run_study(
+        spec, raw, address=args.address, storage=args.storage, verbose=args.verbose, **wait
+    )
     print("\n".join(summary_lines(run.store, spec)))
     return 0
 

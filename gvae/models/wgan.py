@@ -14,11 +14,10 @@ class WGAN(GenerativeModel):
         self.generator = arch.generator(self.latent_dim, image_shape)
         self.critic = arch.discriminator(image_shape)
         self.nets = {"generator": self.generator, "critic": self.critic}
-        lr = self.config.learning_rate
         # RMSprop rather than a momentum method: WGAN training is unstable with momentum.
         self.optimizers = {
-            "generator": torch.optim.RMSprop(self.generator.parameters(), lr=lr),
-            "critic": torch.optim.RMSprop(self.critic.parameters(), lr=lr),
+            "generator": self.rmsprop(self.generator),
+            "critic": self.rmsprop(self.critic),
         }
 
     def train_step(self, next_batch: BatchSource) -> Losses:

@@ -7,6 +7,7 @@ what makes `gvae study resume` possible.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -24,11 +25,14 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from gvae.config import TrialConfig
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
+from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.replicates import SeedReplicates
 from gvae.study.results import TRIALS, ResultsStore, study_uri
@@ -39,6 +43,9 @@ EXPERIMENT = "tune"
 # Tune warns when trials checkpoint faster than it snapshots; frequent small checkpoints are the
 # point here (every evaluation), so the warning is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune's default loggers write every result (the final per-image arrays included) to JSON, CSV and
+# TensorBoard files per trial: the Parquet tables hold all of it, so they are only cost here.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 SPEC_FILE = "study.yaml"
 # How long a study on a cluster waits for the autoscaler to bring the first GPU node: launching a
 # cloud GPU instance and running its setup commands takes minutes.
@@ -59,8 +66,13 @@ def run_study(
     storage: str | None = None,
     log: Callable[[str], None] = print,
     gpu_wait: float = GPU_WAIT_SECONDS,
+    verbose: bool = False,
 ) -> StudyRun:
-    """Run (or continue) a study; returns where its tables are."""
+    """Run (or continue) a study; returns where its tables are.
+
+    Prints one line per ended trial and a progress line (gvae.study.progress); `verbose` shows
+    Tune's own status tables and trial results instead.
+    """
     storage = storage or spec.storage
     uri = study_uri(storage, spec.name)
     store = ResultsStore(uri)
@@ -73,6 +85,7 @@ def run_study(
     spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
 
     _leave_job_working_dir()
+    _quiet_tune_logs(verbose)
     _init_ray(address, log)
     _check_gpus(spec, gpu_wait if address else 0.0, log)
     trainable = tune.with_resources(
@@ -84,9 +97,11 @@ def run_study(
     if resumed:
         log(f"resuming study {spec.name} from {experiment}: finished trials are kept")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True)
+        _set_output(tuner, spec, verbose)
     else:
         _write_spec(store, raw_spec)
-        tuner = _new_tuner(spec, trainable, uri, ParquetRecorder(store, spec.name, provenance()))
+        recorder = ParquetRecorder(store, spec.name, provenance())
+        tuner = _new_tuner(spec, trainable, uri, recorder, verbose)
     tuner.fit()
     return StudyRun(spec, store, resumed)
 
@@ -167,6 +182,17 @@ def _init_ray(address: str | None, log: Callable[[str], None]) -> None:
     )
 
 
+def _quiet_tune_logs(verbose: bool) -> None:
+    """Keep Tune's log lines to what a user acts on.
+
+    Its result analysis warns about every trial when it finds no result.json or progress.csv,
+    which are turned off on purpose (see TUNE_DISABLE_AUTO_CALLBACK_LOGGERS above); its INFO
+    lines (state snapshots) are shown only with --verbose.
+    """
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def _leave_job_working_dir() -> None:
     """Under `ray job submit --working-dir`, step out of the unpacked working dir.
 
@@ -193,7 +219,59 @@ def _check_gpus(spec: StudySpec, wait: float, log: Callable[[str], None]) -> Non
         time.sleep(min(10.0, max(deadline - time.monotonic(), 0.0)))
 
 
-def _new_tuner(spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecorder) -> tune.Tuner:
+def _progress(spec: StudySpec) -> ConsoleProgress:
+    if spec.search_type == "grid":
+        objective, params = ("mode_entropy", "max"), ("model", *spec.grid)
+    else:
+        first = spec.objectives[0]
+        objective, params = (first.metric, first.mode), ("model", *spec.space)
+    return ConsoleProgress(spec.trial_count, objective=objective, params=params)
+
+
+def _callbacks(spec: StudySpec, recorder: ParquetRecorder, verbose: bool) -> list[Any]:
+    return [recorder] if verbose else [recorder, _progress(spec)]
+
+
+def _set_output(tuner: tune.Tuner, spec: StudySpec, verbose: bool) -> None:
+    """Apply this run's --verbose to a restored Tuner (its run config was saved by the first)."""
+    local = getattr(tuner, "_local_tuner", None)  # None under Ray Client, which prints its own
+    if local is None:
+        return
+    run_config = local.get_run_config()
+    recorders = [c for c in run_config.callbacks or [] if isinstance(c, ParquetRecorder)]
+    others = [
+        c
+        for c in run_config.callbacks or []
+        if not isinstance(c, ParquetRecorder | ConsoleProgress)
+    ]
+    ours = _callbacks(spec, recorders[0], verbose) if recorders else []
+    run_config.callbacks = [*ours, *others]
+    run_config.verbose = 1 if verbose else 0
+
+
+def longest_first(spec: StudySpec) -> list[dict[str, Any]]:
+    """The grid's trials, the longest expected first, so no long trial starts last (the tail).
+
+    Expected length: iterations x batch size x train steps per iteration (WGAN's n_critic critic
+    steps plus one) x the nets one step trains; only the order matters.
+    """
+
+    def cost(fields: dict[str, Any]) -> float:
+        config = TrialConfig.from_dict({**spec.base_config(), **fields}).resolved()
+        steps = config.n_critic + 1 if config.model == "wgan" else 1
+        nets = NETS_PER_STEP.get(config.model, 1)
+        return config.iterations * config.batch_size * steps * nets
+
+    return sorted(spec.grid_trials(), key=cost, reverse=True)  # stable: file order on ties
+
+
+# Nets trained per step, a rough relative cost of one iteration (WGAN's steps counted apart).
+NETS_PER_STEP = {"gan": 2, "wgan": 2, "vae": 2, "vaegan": 3, "cvaegan": 3}
+
+
+def _new_tuner(
+    spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecorder, verbose: bool
+) -> tune.Tuner:
     param_space: dict[str, Any] = dict(spec.base_config())
     tune_config: dict[str, Any] = {
         "max_concurrent_trials": spec.concurrency or None,
@@ -201,9 +279,13 @@ def _new_tuner(spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecor
         "reuse_actors": True,  # no new worker process (and torch import) per trial
     }
     if spec.search_type == "grid":
-        param_space["model"] = tune.grid_search(list(spec.models))
-        for key, values in spec.grid.items():
-            param_space[key] = tune.grid_search(values)
+        # Every grid point, in the order they start: Tune's own grid order is by key name.
+        points = longest_first(spec)
+        # Points may only set keys the space has; every point sets them all, so nothing is drawn.
+        param_space["model"] = tune.choice(list(spec.models))
+        param_space.update({key: tune.choice(values) for key, values in spec.grid.items()})
+        tune_config["search_alg"] = BasicVariantGenerator(points_to_evaluate=points)
+        tune_config["num_samples"] = len(points)
     else:
         param_space["model"] = (
             tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
@@ -214,10 +296,11 @@ def _new_tuner(spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecor
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=uri,
-        callbacks=[recorder],
+        callbacks=_callbacks(spec, recorder, verbose),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        verbose=1,
+        # The last checkpoint is all a retry or a resume needs (and all a finished trial keeps).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1 if verbose else 0,
     )
     return tune.Tuner(
         trainable,

@@ -1,8 +1,18 @@
 """A Ray Tune callback on the driver that keeps the study's Parquet tables up to date.
 
-Rows are keyed by trial id (trials) and by (trial id, iteration) (curves): results that a trial
-re-reports after restarting from a checkpoint, or after the study is resumed, replace the earlier
-rows instead of duplicating them.
+Design (see gvae.study.results for the files): every Tune event rewrites only the rows of the trial
+it concerns, the trial's row in `trials.parquet/part-<id>.parquet` and, after a result, its curve in
+`curves.parquet/part-<id>.parquet`. So the cost of an event is that of one trial's rows whatever the
+size of the study, and on S3 an event uploads those rows, never a whole table. Each event is on
+disk before the callback returns: a killed driver loses at most the event in progress. When every
+trial has ended, the folders are compacted into one file each.
+
+Rows are keyed by trial id (trials) and by (trial id, iteration) (curves): a trial's fragment holds
+all its rows, so results that a trial re-reports after restarting from a checkpoint, or after the
+study is resumed, replace the earlier rows instead of duplicating them.
+
+Memory: only trials that have not ended are kept whole; an ended trial keeps its status (for the
+pruning on resume) and is read back from its fragment in the rare case Tune reports on it again.
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ from ray.tune import Callback
 
 from gvae.config import TrialConfig
 from gvae.study.replicates import SUGGESTION
-from gvae.study.results import CURVES, TRIALS, ResultsStore
+from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
-CURVE_EXTRA_KEYS = ("frechet_distance", "iterations_per_second", "eval_seconds")
+# Extra scalar metrics of an evaluation: curve columns whose last value is also `final_<name>`.
+CURVE_EXTRA_KEYS = ("frechet_distance",)
+# Curve columns about speed only (no final_ summary).
+CURVE_TIMING_KEYS = ("iterations_per_second", "eval_seconds")
 ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
 CONTEXT_KEYS = (
     "device_used",
@@ -29,6 +42,7 @@ CONTEXT_KEYS = (
     "real_mean_image_entropy",
     "mode_attributes",
 )
+ENDED = ("finished", "failed", "diverged", "stopped")
 
 
 class ParquetRecorder(Callback):
@@ -40,7 +54,7 @@ class ParquetRecorder(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; the rows are reloaded from the tables
-        # in `setup` when a study resumes, so a stale copy never overwrites newer rows.
+        # when a study resumes, so a stale copy never overwrites newer rows.
         return {"uri": self.store.uri, "study": self.study, "provenance": self.provenance}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -49,10 +63,14 @@ class ParquetRecorder(Callback):
     # Ray Tune hooks -----------------------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
-        self.trials = {row["trial_id"]: row for row in self.store.read_rows(TRIALS)}
-        self.curves = {
-            (row["trial_id"], row["iteration"]): row for row in self.store.read_rows(CURVES)
-        }
+        self.trials_table = FragmentedTable(self.store, TRIALS)
+        self.curves_table = FragmentedTable(self.store, CURVES)
+        self.trials_table.open()
+        self.curves_table.open()
+        known = self.trials_table.read(["trial_id", "status"])
+        self.status: dict[str, str] = {} if known is None else _status_by_trial(known)
+        self.trials: dict[str, dict[str, Any]] = {}  # rows of trials not yet ended
+        self.curves: dict[str, dict[int, dict[str, Any]]] = {}  # their curves, by iteration
         self._pruned = False
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -67,19 +85,17 @@ class ParquetRecorder(Callback):
         'running' row that Tune never resumes: the searcher suggests that point again under a
         new trial id, so keeping the row would count the trial twice.
         """
-        lost = {
-            trial_id
-            for trial_id, row in self.trials.items()
-            if trial_id not in known and row["status"] in ("running", "pending")
-        }
-        if lost:
-            self.trials = {k: v for k, v in self.trials.items() if k not in lost}
-            self.curves = {k: v for k, v in self.curves.items() if k[0] not in lost}
-            self.flush()
+        for trial_id, status in list(self.status.items()):
+            if trial_id not in known and status not in ENDED:
+                self.trials_table.write_trial(trial_id, [])
+                self.curves_table.write_trial(trial_id, [])
+                del self.status[trial_id]
+                self.trials.pop(trial_id, None)
+                self.curves.pop(trial_id, None)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_row(trial)["status"] = "running"
-        self.flush()
+        self._write(trial.trial_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         row = self._trial_row(trial)
@@ -89,17 +105,21 @@ class ParquetRecorder(Callback):
             row["diverged_at"] = result["diverged_at"]
             row["iterations_done"] = result["diverged_at"] - 1
             row["error"] = result["diverged_error"]
-            self.flush()
+            self._write(trial.trial_id)
             return
         self._add_curve_row(trial, result)
         row["iterations_done"] = result["iteration"]
-        for key, value in result.items():
-            if key in ARRAY_KEYS:
-                row[f"final_{key}"] = value
-        self.flush()
+        for key in ARRAY_KEYS:
+            if key in result:
+                # Taken out of the result (Tune allows callbacks to change it): Tune keeps every
+                # trial's last result in memory and writes all of them into each snapshot of its
+                # state, where 10,000 entropies per trial would make snapshots grow with the study.
+                row[f"final_{key}"] = result.pop(key)
+        self._write(trial.trial_id, curve=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_row(trial)["retries"] = trial.num_failures
+        self._write(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._trial_row(trial)
@@ -109,25 +129,39 @@ class ParquetRecorder(Callback):
             row["status"] = "finished"
         else:
             row["status"] = "stopped"  # ended early by the scheduler
-        self.flush()
+        self._write(trial.trial_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._trial_row(trial)
         row["status"] = "failed"
         row["retries"] = trial.num_failures
         row["error"] = _error_line(trial.get_error())
-        self.flush()
+        self._write(trial.trial_id)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.flush()
+        """Compact the tables into one file each once no trial can report again."""
+        if all(status in ENDED for status in self.status.values()):
+            self.compact()
 
-    # Tables ----------------------------------------------------------------------------------
+    def compact(self) -> None:
+        self.trials_table.compact()
+        self.curves_table.compact()
+
+    # Rows ------------------------------------------------------------------------------------
 
     def _trial_row(self, trial: Any) -> dict[str, Any]:
-        if trial.trial_id not in self.trials:
-            self.trials[trial.trial_id] = {
+        trial_id = trial.trial_id
+        if trial_id in self.trials:
+            return self.trials[trial_id]
+        stored = self.trials_table.read_trial(trial_id) if trial_id in self.status else []
+        if stored:  # a trial recorded by an earlier run of this study, or ended before
+            row = {k: v for k, v in stored[0].items() if not _is_summary(k)}
+            points = self.curves_table.read_trial(trial_id)
+            self.curves[trial_id] = {point["iteration"]: point for point in points}
+        else:
+            row = {
                 "study": self.study,
-                "trial_id": trial.trial_id,
+                "trial_id": trial_id,
                 **_trial_config(trial.config),
                 "status": "pending",
                 "error": None,
@@ -136,25 +170,48 @@ class ParquetRecorder(Callback):
                 "iterations_done": 0,
                 **self.provenance,
             }
-        return self.trials[trial.trial_id]
+            self.curves[trial_id] = {}
+        self.trials[trial_id] = row
+        return row
 
     def _add_curve_row(self, trial: Any, result: dict[str, Any]) -> None:
-        keys = (*CURVE_KEYS, *CURVE_EXTRA_KEYS)
+        keys = (*CURVE_KEYS, *CURVE_EXTRA_KEYS, *CURVE_TIMING_KEYS)
         row = {"study": self.study, "trial_id": trial.trial_id, "model": trial.config["model"]}
         row.update({key: result.get(key) for key in keys})
         row.update({key: value for key, value in result.items() if key.endswith("_loss")})
-        self.curves[(trial.trial_id, result["iteration"])] = row
+        self.curves[trial.trial_id][result["iteration"]] = row
 
-    def flush(self) -> None:
-        """Rewrite both tables after every event: a result a trial reported before its last
-        checkpoint is never reported again, so it must be on disk before the driver can die."""
-        ordered = [self.curves[key] for key in sorted(self.curves)]  # by trial, then iteration
-        self.store.write(CURVES, ordered)
-        by_trial: dict[str, list[dict[str, Any]]] = {}
-        for point in ordered:
-            by_trial.setdefault(point["trial_id"], []).append(point)
-        rows = [_with_summary(r, by_trial.get(r["trial_id"], [])) for r in self.trials.values()]
-        self.store.write(TRIALS, rows)
+    def _write(self, trial_id: str, curve: bool = False) -> None:
+        """Put this trial's rows on disk; forget an ended trial's rows once they are there.
+
+        A result a trial reported before its last checkpoint is never reported again, so it must
+        be on disk before the driver can die: every event is written before the hook returns.
+        """
+        row = self.trials[trial_id]
+        points = [self.curves[trial_id][key] for key in sorted(self.curves[trial_id])]
+        if curve:
+            self.curves_table.write_trial(trial_id, points)
+        self.trials_table.write_trial(trial_id, [_with_summary(row, points)])
+        self.status[trial_id] = row["status"]
+        if row["status"] in ENDED:
+            del self.trials[trial_id]
+            del self.curves[trial_id]
+
+
+def _status_by_trial(table: Any) -> dict[str, str]:
+    columns = table.to_pydict()
+    return dict(zip(columns["trial_id"], columns["status"], strict=True))
+
+
+SUMMARY_METRICS = ("mode_entropy", "mean_image_entropy", *CURVE_EXTRA_KEYS)
+
+
+def _is_summary(key: str) -> bool:
+    """Columns `_with_summary` derives from the curve (recomputed, never carried over)."""
+    if key.startswith("best_"):
+        return True
+    derived = (*SUMMARY_METRICS, "class_histogram")
+    return key.startswith("final_") and (key[6:] in derived or key.endswith("_loss"))
 
 
 def _trial_config(params: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +231,8 @@ def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str
         summary.setdefault(f"best_{metric}", None)
     if points:
         last = points[-1]
-        summary["final_mode_entropy"] = last["mode_entropy"]
-        summary["final_mean_image_entropy"] = last["mean_image_entropy"]
+        for metric in SUMMARY_METRICS:
+            summary[f"final_{metric}"] = last.get(metric)
         summary["final_class_histogram"] = last["class_histogram"]
         summary["best_mode_entropy"] = max(p["mode_entropy"] for p in points)
         summary["best_mean_image_entropy"] = min(p["mean_image_entropy"] for p in points)

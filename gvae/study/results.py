@@ -1,16 +1,35 @@
 """A study's record: the trials and curves Parquet tables, written by the driver alone.
 
 Tables live at `<storage>/<study>/trials.parquet` and `curves.parquet`, where storage is a local
-folder or any URI pyarrow's filesystems understand (s3://, gs://, ...); see gvae.io for why a
-crash never leaves a torn table.
+folder or any URI pyarrow's filesystems understand (s3://, gs://, ...). Only `pyarrow.fs`
+operations are used, so every layout below works the same on S3.
+
+While a study runs, a table is a dataset folder of that name:
+
+    trials.parquet/00-schema.parquet       zero rows: the union of every fragment's columns
+    trials.parquet/part-<trial_id>.parquet  all rows of one trial, rewritten when they change
+
+Recording an event rewrites the fragment of that one trial, so its cost does not depend on how
+many trials the study has, and on S3 it is one small upload. The zero-row schema file sorts
+first, and pyarrow (hence `pandas.read_parquet`) takes a folder's schema from its first file:
+readers see every column, and fragments written before a column existed read it as null. When
+the study ends, `compact` turns the folder back into one file of the same name.
+
+Crash safety: a fragment appears whole (a rename on local disks, a single PUT on object stores).
+The two multi-step changes, compacting a folder into a file and splitting a file (the old layout,
+or a finished study that runs again) into a folder, go through a hidden sibling that holds every
+row until the step is complete; `open` finishes or redoes an interrupted one.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -19,6 +38,8 @@ from gvae.io import resolve, write_parquet
 TRIALS = "trials.parquet"
 CURVES = "curves.parquet"
 REPRODUCTIONS = "reproductions.parquet"
+SCHEMA_FILE = "00-schema.parquet"  # sorts before every `part-` fragment
+ROW_GROUP_ROWS = 1024  # rows per row group of a compacted table
 
 
 def study_uri(storage: str, name: str) -> str:
@@ -28,29 +49,245 @@ def study_uri(storage: str, name: str) -> str:
     return str((Path(storage) / name).resolve())
 
 
+def fragment_name(trial_id: str) -> str:
+    return f"part-{trial_id}.parquet"
+
+
 class ResultsStore:
-    """Reads and rewrites the Parquet tables of one study folder."""
+    """Reads a study folder's tables (one file or a dataset folder) and writes its files."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.fs, self.root = resolve(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.bytes_written = 0  # what this store has uploaded or written, for benchmarks and tests
 
     def location(self, table: str) -> str:
         return f"{self.uri}/{table}"
 
-    def exists(self, table: str) -> bool:
-        return self.fs.get_file_info(f"{self.root}/{table}").type == pafs.FileType.File
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def kind(self, name: str) -> pafs.FileType:
+        return self.fs.get_file_info(self.path(name)).type
+
+    def exists(self, name: str) -> bool:
+        return self.kind(name) in (pafs.FileType.File, pafs.FileType.Directory)
+
+    def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
+        """The table (a file or a dataset folder) as Arrow, or None when there is none yet."""
+        kind = self.kind(table)
+        if kind == pafs.FileType.File:
+            return pq.read_table(self.path(table), columns=columns, filesystem=self.fs)
+        if kind != pafs.FileType.Directory:
+            return None
+        schema_path = f"{self.path(table)}/{SCHEMA_FILE}"
+        if self.fs.get_file_info(schema_path).type != pafs.FileType.File:
+            return None
+        schema = pq.read_schema(schema_path, filesystem=self.fs)
+        dataset = ds.dataset(self.path(table), schema=schema, filesystem=self.fs, format="parquet")
+        names = [c for c in columns if c in schema.names] if columns else None
+        return dataset.to_table(columns=names)
 
     def read(self, table: str) -> pd.DataFrame:
         """The table as a DataFrame (empty when it does not exist yet)."""
-        if not self.exists(table):
-            return pd.DataFrame()
-        return pq.read_table(f"{self.root}/{table}", filesystem=self.fs).to_pandas()
+        arrow = self.read_table(table)
+        return pd.DataFrame() if arrow is None else arrow.to_pandas()
 
     def read_rows(self, table: str) -> list[dict[str, Any]]:
-        if not self.exists(table):
-            return []
-        return pq.read_table(f"{self.root}/{table}", filesystem=self.fs).to_pylist()
+        arrow = self.read_table(table)
+        return [] if arrow is None else arrow.to_pylist()
 
     def write(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Replace a whole single-file table (small tables such as reproductions)."""
         write_parquet(self.location(table), rows)
+
+    def put(self, name: str, table: pa.Table) -> None:
+        """Write `table` as the Parquet file `name`, appearing whole or not at all."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue()
+        path = self.path(name)
+        if self.local:  # a rename is atomic on local disks; objects appear whole on close anyway
+            parent, base = path.rsplit("/", 1)
+            tmp = f"{parent}/.{base}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(tmp) as stream:
+                stream.write(data)
+            self.fs.move(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as stream:
+                stream.write(data)
+        self.bytes_written += data.size
+
+    def delete(self, name: str) -> None:
+        kind = self.kind(name)
+        if kind == pafs.FileType.File:
+            self.fs.delete_file(self.path(name))
+        elif kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(name))
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Arrow table whose columns are the union of the rows' keys, in order of first appearance."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({column: [row.get(column) for row in rows] for column in columns})
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns and types (missing ones null)."""
+    if table.schema.equals(schema):
+        return table
+    arrays = []
+    for field in schema:
+        index = table.schema.get_field_index(field.name)
+        if index < 0:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+        elif table.schema.field(index).type != field.type:
+            arrays.append(table.column(index).cast(field.type))
+        else:
+            arrays.append(table.column(index))
+    return pa.table(arrays, schema=schema)
+
+
+class FragmentedTable:
+    """One table written as one fragment per trial (see the module docstring)."""
+
+    def __init__(self, store: ResultsStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._set_schema(pa.schema([]))
+        self.folder = False  # True once the table is a dataset folder
+        self.written = False  # whether this run wrote a fragment (compaction has work)
+
+    # Paths of the two hidden siblings behind the multi-step changes.
+    @property
+    def _compacted(self) -> str:
+        return f".{self.name}.compacted"
+
+    @property
+    def _split(self) -> str:
+        return f".{self.name}.split"
+
+    def open(self) -> None:
+        """Finish an interrupted compaction or split, then learn the table's current schema."""
+        store = self.store
+        if store.kind(self._compacted) == pafs.FileType.File:  # the compacted file is complete
+            store.delete(self.name)
+            store.fs.move(store.path(self._compacted), store.path(self.name))
+        store.delete(f"{self._compacted}.partial")
+        if store.kind(self._split) == pafs.FileType.File:
+            store.delete(self.name)
+            self._split_from(self._split)
+        kind = store.kind(self.name)
+        self.folder = kind == pafs.FileType.Directory
+        if kind == pafs.FileType.File:
+            self._set_schema(pq.read_schema(store.path(self.name), filesystem=store.fs))
+        elif self.folder:
+            schema_path = store.path(f"{self.name}/{SCHEMA_FILE}")
+            self._set_schema(pq.read_schema(schema_path, filesystem=store.fs))
+
+    def read(self, columns: list[str] | None = None) -> pa.Table | None:
+        return self.store.read_table(self.name, columns)
+
+    def read_trial(self, trial_id: str) -> list[dict[str, Any]]:
+        """The rows of one trial: its fragment, or its rows in a single-file table."""
+        if self.folder:
+            path = f"{self.name}/{fragment_name(trial_id)}"
+            if self.store.kind(path) != pafs.FileType.File:
+                return []
+            return pq.read_table(self.store.path(path), filesystem=self.store.fs).to_pylist()
+        table = self.read()
+        if table is None:
+            return []
+        return table.filter(ds.field("trial_id") == trial_id).to_pylist()
+
+    def write_trial(self, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        """Replace every row of one trial (no rows: remove the trial)."""
+        self._ensure_folder()
+        self.written = True
+        path = f"{self.name}/{fragment_name(trial_id)}"
+        if not rows:
+            self.store.delete(path)
+            return
+        self.store.put(path, self._as_schema(rows))
+
+    def _as_schema(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """The rows as a table of the table's schema, widening the schema when they need it."""
+        if all(key in self.names for row in rows for key in row):
+            try:  # the usual case, and the fast one: no type inference, no casts
+                return pa.Table.from_pylist(rows, schema=self.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass  # a value the schema's type cannot hold (a float in an int column)
+        table = rows_table(rows)
+        merged = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
+        if not merged.equals(self.schema):  # the schema file first: readers never drop a column
+            self._set_schema(merged)
+            self.store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
+        return conform(table, self.schema)
+
+    def _set_schema(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.names = set(schema.names)
+
+    def _ensure_folder(self) -> None:
+        if self.folder:
+            return
+        if self.store.kind(self.name) == pafs.FileType.File:
+            self.store.fs.move(self.store.path(self.name), self.store.path(self._split))
+            self._split_from(self._split)
+        else:
+            self.store.fs.create_dir(self.store.path(self.name), recursive=True)
+            self.store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
+        self.folder = True
+
+    def _split_from(self, source: str) -> None:
+        """Rewrite a single-file table (at `source`) as a folder of per-trial fragments."""
+        store = self.store
+        table = pq.read_table(store.path(source), filesystem=store.fs)
+        self._set_schema(table.schema)
+        store.fs.create_dir(store.path(self.name), recursive=True)
+        store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
+        by_trial: dict[str, list[dict[str, Any]]] = {}
+        for row in table.to_pylist():
+            by_trial.setdefault(row["trial_id"], []).append(row)
+        for trial_id, rows in by_trial.items():
+            fragment = conform(rows_table(rows), table.schema)
+            store.put(f"{self.name}/{fragment_name(trial_id)}", fragment)
+        store.delete(source)
+        self.folder = True
+
+    def compact(self) -> None:
+        """Merge the folder into one file of the same name, trial by trial in trial-id order.
+
+        Fragments are read one at a time in file-name order (trial ids), so memory holds one row
+        group, not the table.
+        """
+        if not self.folder or not self.written:
+            return
+        store = self.store
+        folder = store.path(self.name)
+        selector = pafs.FileSelector(folder)
+        files = sorted(
+            info.path
+            for info in store.fs.get_file_info(selector)
+            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+        )
+        partial = f"{self._compacted}.partial"
+        with (
+            store.fs.open_output_stream(store.path(partial)) as stream,
+            pq.ParquetWriter(stream, self.schema) as writer,
+        ):
+            pending: list[pa.Table] = []
+            for path in files:
+                pending.append(conform(pq.read_table(path, filesystem=store.fs), self.schema))
+                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+        store.bytes_written += store.fs.get_file_info(store.path(partial)).size
+        store.fs.move(store.path(partial), store.path(self._compacted))
+        store.delete(self.name)
+        store.fs.move(store.path(self._compacted), store.path(self.name))
+        self.folder = False
+        self.written = False

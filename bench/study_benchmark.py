@@ -1,0 +1,159 @@
+"""Overhead of a study of many tiny trials: gvae against its minimum and against plain Ray Tune.
+
+Run as `.venv/bin/python bench/study_benchmark.py [--trials 400] [--iterations 50]
+[--eval-samples 200] [--batch-size 32] [--model vae] [--skip-plain]`, or with `--study FILE`
+to time a study file (e.g. studies/quick.yaml) against its minimum alone. Not a test: it prints a
+header line and one line per run (see README.md).
+
+1. `gvae study run` on a grid of `--trials` seeds of one model, on a local Ray started by the
+   command itself (every CPU of this machine, one per trial). Wall time is that of the whole
+   command; the minimum is the sum of the trials' own times (Tune's `time_total_s`, recorded as
+   `wall_seconds`) over the CPUs: what a scheduler with no overhead at all would take.
+2. Plain Ray Tune in a fresh process: the same count of function trials, each busy for the
+   gvae study's median trial time, each reporting once with a small checkpoint, actors reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def run_gvae(study: Path, storage: Path) -> tuple[float, int]:
+    """Wall seconds of `gvae study run` and the lines it printed."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a new user's first run
+    tick = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "gvae.cli", "study", "run", str(study), "--storage", str(storage)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - tick
+    if out.returncode != 0:
+        sys.exit(f"gvae study run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return wall, len((out.stdout + out.stderr).splitlines())
+
+
+def tiny_study(folder: Path, args: argparse.Namespace) -> Path:
+    path = folder / "bench_tiny.yaml"
+    study = {
+        "name": "bench_tiny",
+        "dataset": "mnist5k",
+        "models": [args.model],
+        "iterations": args.iterations,
+        "eval_every": args.iterations,
+        "fixed": {"batch_size": args.batch_size, "eval_samples": args.eval_samples},
+        "search": {"grid": {"seed": list(range(args.trials))}},
+        "resources": {"cpus": 1},
+    }
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def report_line(label: str, wall: float, trial_seconds: pd.Series, cpus: int) -> float:
+    minimum = trial_seconds.sum() / cpus
+    print(
+        f"{label}: {len(trial_seconds)} trials, median trial {trial_seconds.median():.2f} s, "
+        f"wall {wall:.1f} s, minimum {minimum:.1f} s (sum of trial times / {cpus} CPUs), "
+        f"wall / minimum {wall / minimum:.2f}",
+        flush=True,
+    )
+    return minimum
+
+
+def plain_tune(trials: int, seconds: float, storage: Path) -> None:
+    """Runs in its own process: `trials` function trials busy for `seconds` each."""
+    import ray
+    from ray import tune
+
+    def trainable(config: dict) -> None:
+        end = time.perf_counter() + config["seconds"]
+        total = 0
+        while time.perf_counter() < end:  # busy, like a training loop
+            total += 1
+        with tempfile.TemporaryDirectory() as directory:
+            Path(directory, "state.txt").write_text(str(total))
+            tune.report({"done": 1}, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    ray.init(log_to_driver=False)
+    tick = time.perf_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"seconds": seconds},
+        tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(storage), name="plain", verbose=0),
+    )
+    results = tuner.fit()
+    fit = time.perf_counter() - tick
+    times = [result.metrics["time_total_s"] for result in results]
+    print(f"PLAIN {fit:.3f} {' '.join(f'{t:.4f}' for t in times)}")
+
+
+def run_plain(trials: int, seconds: float, storage: Path) -> tuple[float, pd.Series]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, __file__, "--plain-run", str(trials), str(seconds), str(storage)]
+    tick = time.perf_counter()
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - tick
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PLAIN ")), None)
+    if out.returncode != 0 or line is None:
+        sys.exit(f"plain Tune run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return wall, pd.Series([float(value) for value in line.split()[2:]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=400)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--eval-samples", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", default="vae")
+    parser.add_argument("--skip-plain", action="store_true", help="only the gvae study")
+    parser.add_argument("--study", type=Path, help="time this study file instead")
+    parser.add_argument("--plain-run", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.plain_run:
+        plain_tune(int(args.plain_run[0]), float(args.plain_run[1]), Path(args.plain_run[2]))
+        return
+
+    cpus = os.cpu_count() or 1
+    print(f"study benchmark | {platform.node()} | {cpus} logical CPUs | load {load()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gvae-study-bench-") as folder:
+        study = args.study or tiny_study(Path(folder), args)
+        name = yaml.safe_load(study.read_text())["name"]
+        wall, lines = run_gvae(study, Path(folder) / "results")
+        trials = pd.read_parquet(Path(folder) / "results" / name / "trials.parquet")
+        gvae_minimum = report_line(f"gvae study {name}", wall, trials.wall_seconds, cpus)
+        print(f"  console: {lines} lines for {len(trials)} trials; load {load()}", flush=True)
+        if args.study or args.skip_plain:
+            return
+        median = float(trials.wall_seconds.median())
+        plain_wall, plain_times = run_plain(len(trials), median, Path(folder) / "plain")
+        report_line("plain Ray Tune", plain_wall, plain_times, cpus)
+        print(
+            f"gvae wall / plain Tune wall {wall / plain_wall:.2f}; "
+            f"gvae minimum / plain minimum {gvae_minimum / (plain_times.sum() / cpus):.2f}; "
+            f"load {load()}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""What `gvae study run` prints while a study runs: one line per ended trial and a progress line.
+
+On a terminal the progress line is redrawn in place (carriage return, erase line) and trial lines
+scroll above it; in a log (stdout not a terminal) the progress line is printed as plain text once
+every `log_every` seconds, so a study of N trials prints about N lines. Tune's own tables are
+only shown with `--verbose`.
+
+    [ 12/400]  12 done  2 running  386 pending  0 failed  0 diverged  1m02s elapsed  ETA 33m40s  best mode_entropy 2.213 (vae seed=3)
+    [ 13/400] finished vae seed=4  mode_entropy 2.101  mean_image_entropy 0.734  0.4 s
+"""  # noqa: E501
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from ray.tune.experimental.output import AirVerbosity
+from ray.tune.experimental.output import ProgressReporter as TuneProgressReporter
+
+ERASE = "\r\x1b[K"
+SHOWN_METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
+
+
+class ConsoleProgress(TuneProgressReporter):
+    """A Tune callback printing a readable account of the study (see the module docstring).
+
+    A subclass of Tune's own progress reporter: Tune hands the start of the experiment and its
+    heartbeats to the first such reporter among the callbacks, so its tables stay unprinted.
+    """
+
+    # Tune's base class prints per-trial tables from these verbosities on: never, here.
+    _heartbeat_threshold = AirVerbosity.VERBOSE
+    _start_end_verbosity = AirVerbosity.VERBOSE
+    _intermediate_result_verbosity = AirVerbosity.VERBOSE
+
+    def __init__(
+        self,
+        total: int,
+        objective: tuple[str, str] = ("mode_entropy", "max"),
+        params: tuple[str, ...] = ("model", "seed"),
+        stream: TextIO | None = None,
+        log_every: float = 60.0,
+        redraw_every: float = 0.5,
+    ) -> None:
+        super().__init__(AirVerbosity.SILENT)
+        self.total = total
+        self.metric, self.mode = objective
+        self.params = params
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.log_every = log_every if not self.tty else redraw_every
+        self.start = time.monotonic()
+        self.last_drawn = 0.0
+        self.ended_this_run = 0
+        self.ended = 0
+        self.best: tuple[float, str] | None = None
+        self.counts: dict[str, int] = {}
+        self.diverged: set[str] = set()
+        self.final: dict[str, str] = {}  # trial id -> how it ended, as soon as its hook runs
+        self.progress_shown = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["stream"] = None  # streams do not pickle; Tune pickles callbacks with its state
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.stream = sys.stdout
+        self.tty = self.stream.isatty()
+
+    # Tune hooks --------------------------------------------------------------------------------
+
+    def setup(self, **info: Any) -> None:
+        self.start = time.monotonic()  # a resumed study's ETA counts this run only
+        self.ended_this_run = 0
+        self.final = {}  # restored trials that ended before show as TERMINATED or ERROR
+        self.counts = {}
+
+    def experiment_started(self, *args: Any, **kwargs: Any) -> None:
+        """Tune's header table: the progress line says what matters."""
+
+    def print_heartbeat(self, trials: list, *args: Any, force: bool = False) -> None:
+        """Tune's periodic status table: drawn by `on_step_end` instead."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        if "diverged_at" in result:
+            self.diverged.add(trial.trial_id)
+        value = result.get(self.metric)
+        if value is not None and (self.best is None or self._better(value, self.best[0])):
+            self.best = (float(value), self._describe(trial))
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status = "diverged" if trial.trial_id in self.diverged else _ended_status(trial)
+        self._trial_line(trials, trial, status)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial_line(trials, trial, "failed")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self.last_drawn >= self.log_every:
+            self._draw(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._draw(trials)
+        if self.tty and self.progress_shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    # Lines -------------------------------------------------------------------------------------
+
+    def _describe(self, trial: Any) -> str:
+        config = trial.config
+        return " ".join(
+            str(config[key]) if key == "model" else f"{key}={config[key]}"
+            for key in self.params
+            if key in config
+        )
+
+    def _trial_line(self, trials: list, trial: Any, status: str) -> None:
+        self.ended_this_run += 1
+        self.final[trial.trial_id] = status
+        # Counted on from the last full count: recounting every trial at every end would cost
+        # the driver O(trials^2) over a study.
+        if not self.counts:
+            self._count(trials)
+        else:
+            self.ended += 1
+            key = "done" if status in ("finished", "stopped") else status
+            self.counts[key] += 1
+            self.counts["running"] = max(self.counts["running"] - 1, 0)
+        result = trial.last_result or {}
+        metrics = "  ".join(
+            f"{name} {result[name]:.3f}" for name in SHOWN_METRICS if result.get(name) is not None
+        )
+        if status == "diverged":
+            metrics = f"losses not finite at iteration {result.get('diverged_at')}"
+        elif status == "failed":
+            error = str(trial.get_error() or "").strip().splitlines()
+            metrics = error[-1] if error else "error"
+        seconds = result.get("time_total_s")
+        took = f"  {seconds:.1f} s" if seconds is not None else ""
+        line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"
+        self._emit(line, keep=True)
+        if self.tty:  # the progress line again, under the new trial line
+            self._emit(self.progress_line(), keep=False)
+
+    def _count(self, trials: list) -> None:
+        counts = {"running": 0, "pending": 0, "failed": 0, "diverged": 0, "done": 0}
+        for trial in trials:
+            ended = self.final.get(trial.trial_id)
+            if ended is not None:  # Tune sets the status after calling the hooks
+                counts["done" if ended in ("finished", "stopped") else ended] += 1
+            elif trial.status == "RUNNING":
+                counts["running"] += 1
+            elif trial.status == "ERROR":
+                counts["failed"] += 1
+            elif trial.status == "TERMINATED":
+                diverged = trial.trial_id in self.diverged or "diverged_at" in (
+                    trial.last_result or {}
+                )
+                counts["diverged" if diverged else "done"] += 1
+            else:
+                counts["pending"] += 1
+        counts["pending"] += max(self.total - len(trials), 0)  # not created by the searcher yet
+        self.counts = counts
+        self.ended = counts["done"] + counts["failed"] + counts["diverged"]
+
+    def _counter(self) -> str:
+        width = len(str(self.total))
+        return f"[{self.ended:>{width}}/{self.total}]"
+
+    def progress_line(self) -> str:
+        c = self.counts
+        elapsed = time.monotonic() - self.start
+        remaining = max(self.total - self.ended, 0)
+        if self.ended_this_run and remaining:
+            eta = f"ETA {_duration(elapsed / self.ended_this_run * remaining)}"
+        else:
+            eta = "ETA --" if remaining else "done"
+        best = f"best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
+        return (
+            f"{self._counter()} {c.get('done', 0)} done  {c.get('running', 0)} running  "
+            f"{c.get('pending', 0)} pending  {c.get('failed', 0)} failed  "
+            f"{c.get('diverged', 0)} diverged  {_duration(elapsed)} elapsed  {eta}  {best}"
+        ).rstrip()
+
+    def _draw(self, trials: list) -> None:
+        self._count(trials)
+        self.last_drawn = time.monotonic()
+        self._emit(self.progress_line(), keep=not self.tty)
+        self.progress_shown = True
+
+    def _emit(self, line: str, keep: bool) -> None:
+        if self.tty:
+            self.stream.write(ERASE + line + ("\n" if keep else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _ended_status(trial: Any) -> str:
+    result = trial.last_result or {}
+    iterations = trial.config.get("iterations")
+    return "finished" if result.get("iteration") == iterations else "stopped"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
