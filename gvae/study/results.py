@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gvae.io import resolve, write_parquet
+from gvae.io import join, resolve, write_parquet
 
 TRIALS = "trials.parquet"
 CURVES = "curves.parquet"
@@ -24,7 +24,7 @@ REPRODUCTIONS = "reproductions.parquet"
 def study_uri(storage: str, name: str) -> str:
     """Absolute URI or path of a study's folder; relative local paths resolve against the cwd."""
     if "://" in storage:
-        return f"{storage.rstrip('/')}/{name}"
+        return join(storage, name)  # keeps a query such as ?endpoint_override=
     return str((Path(storage) / name).resolve())
 
 
@@ -36,7 +36,7 @@ class ResultsStore:
         self.fs, self.root = resolve(uri)
 
     def location(self, table: str) -> str:
-        return f"{self.uri}/{table}"
+        return join(self.uri, table)
 
     def exists(self, table: str) -> bool:
         return self.fs.get_file_info(f"{self.root}/{table}").type == pafs.FileType.File
