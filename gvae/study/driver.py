@@ -8,13 +8,11 @@ what makes `gvae study resume` possible.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import platform
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +20,6 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
-import torch
 import yaml
 from ray import tune
 from ray.tune.error import TuneError
@@ -32,11 +29,12 @@ from ray.tune.search.optuna import OptunaSearch
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
-from gvae.io import StorageFull, is_full
+from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.recorder import ParquetRecorder
+from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
-from gvae.study.searcher import DivergenceTolerantASHA, DivergenceTolerantSearch, make_tolerant
+from gvae.study.searcher import DivergenceTolerantASHA, make_tolerant, tolerant_search
 from gvae.study.spec import Range, StudySpec, parse_study, read_yaml
 from gvae.study.trainable import train_trial
 
@@ -45,38 +43,8 @@ EXPERIMENT = "tune"
 # point here (every evaluation), so the warning is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 SPEC_FILE = "study.yaml"
-# How long a study on a cluster waits for the autoscaler to bring a node that fits one trial:
-# launching a cloud GPU instance and running its setup commands takes minutes.
-RESOURCE_WAIT_SECONDS = 900.0
 # Trial statuses that mean the trial has ended (the rest: pending, running).
 ENDED = ("finished", "diverged", "stopped", "failed")
-
-
-class _HideTuneHints(logging.Filter):
-    """At a stop Tune names its Python API (`Tuner.restore(...)`) and warns about trials that had
-    not reported yet; gvae says instead how far the study got and which command continues it."""
-
-    HIDDEN = (
-        "Resume experiment with",
-        "Failed to fetch metrics",
-        "Trials did not complete",
-        # A study begun before DivergenceTolerantSearch has no state saved for it (it has none).
-        "DivergenceTolerantSearch was not found",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] and is_full(record.exc_info[1]):
-            return False  # a full disk: gvae's own line names the path and the fix
-        return not any(hidden in message for hidden in self.HIDDEN)
-
-
-for _name in (
-    "ray.tune.tune",
-    "ray.tune.analysis.experiment_analysis",
-    "ray.tune.search.search_generator",
-):
-    logging.getLogger(_name).addFilter(_HideTuneHints())
 
 
 @dataclass
@@ -106,14 +74,14 @@ def run_study(
     uri = study_uri(storage, spec.name)
     store = ResultsStore(uri)
     address = address or os.environ.get("RAY_ADDRESS")
-    _check_devices(spec, local=not address)
+    check_devices(spec, local=not address)
     resume = resume_command(spec.name, storage, address)
     lease = StudyLease(uri, spec.name, log=log)
-    with _storage_errors(uri, resume):
+    with storage_errors(uri, resume):
         _check_same_study(store, raw_spec)
         lease.acquire(force=force)
     try:
-        with _storage_errors(uri, resume):
+        with storage_errors(uri, resume):
             return _run_leased(spec, raw_spec, store, address, log, resource_wait)
     finally:
         with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
@@ -137,7 +105,7 @@ def _run_leased(
 
     _leave_job_working_dir()
     _init_ray(address, log)
-    _check_resources(spec, resource_wait if address else 0.0, log)
+    check_resources(spec, resource_wait if address else 0.0, log)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_state=evaluator.state()),
         {"cpu": spec.cpus, "gpu": spec.gpus},
@@ -156,6 +124,7 @@ def _run_leased(
         _write_spec(store, raw_spec)
         recorder = ParquetRecorder(store, spec.name, provenance())
         tuner = _new_tuner(spec, trainable, store, recorder)
+    hide_tune_hints()
     _fit(tuner)
     trials = store.read(TRIALS)
     statuses = trials["status"] if not trials.empty else []
@@ -181,37 +150,7 @@ def _tolerate_missing_objectives(tuner: tune.Tuner) -> None:
     internal = getattr(tuner, "_local_tuner", None)  # None under Ray Client: tuner is remote
     if internal is None:
         return
-    config = internal._tune_config
-    config.search_alg, config.scheduler = make_tolerant(config.search_alg, config.scheduler)
-
-
-def resume_command(name: str, storage: str, address: str | None) -> str:
-    """The gvae command that continues this study from wherever it is run."""
-    command = f"gvae study resume {name}"
-    if storage != "results":
-        command += f" --storage {storage if '://' in storage else Path(storage).resolve()}"
-    return command + (f" --address {address}" if address else "")
-
-
-@contextlib.contextmanager
-def _storage_errors(uri: str, resume: str) -> Iterator[None]:
-    """Storage failures as one line: a full disk says how to continue, others what to check."""
-    try:
-        yield
-    except OSError as error:
-        if is_full(error):
-            where = error.location if isinstance(error, StorageFull) else uri
-            raise GvaeError(
-                f"storage: no space left on device writing {where}; free space there, then "
-                f"`{resume}` continues the study"
-            ) from None
-        if "://" not in uri:
-            raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise GvaeError(
-            f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
-            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
-        ) from None
+    make_tolerant(internal._tune_config)
 
 
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
@@ -301,86 +240,6 @@ def _leave_job_working_dir() -> None:
         os.chdir(os.path.expanduser("~"))
 
 
-def _check_devices(spec: StudySpec, local: bool) -> None:
-    """Refuse, before Ray starts, trials that ask for CUDA where they cannot get it."""
-    asked = _cuda_fields(spec)
-    if asked and spec.gpus <= 0:
-        raise GvaeError(
-            f"{asked[0]}: trials ask for a CUDA device but resources.gpus is 0, so Ray gives them "
-            "no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or device: auto"
-        )
-    if local and (asked or spec.gpus > 0) and not torch.cuda.is_available():
-        field = asked[0] if asked else "resources.gpus"
-        raise GvaeError(
-            f"{field}: trials ask for a GPU but this machine has none (torch finds no CUDA "
-            "device or driver); set resources.gpus: 0 and device: auto, or join a GPU cluster "
-            "with --address"
-        )
-
-
-def _cuda_fields(spec: StudySpec) -> list[str]:
-    """The study-file keys that make a trial ask for device cuda."""
-    fields = []
-    if str(spec.fixed.get("device", "")).startswith("cuda"):
-        fields.append("fixed.device")
-    if any(str(v).startswith("cuda") for v in spec.grid.get("device", [])):
-        fields.append("search.grid.device")
-    space = spec.space.get("device")
-    if isinstance(space, list) and any(str(v).startswith("cuda") for v in space):
-        fields.append("search.optuna.space.device")
-    return fields
-
-
-def _check_resources(spec: StudySpec, wait: float, log: Callable[[str], None]) -> None:
-    """Stop, with the fix, when no Ray node can hold one trial within `wait` seconds.
-
-    Tune only warns about trials it cannot place and then waits for ever; on a cluster the
-    autoscaler may still add a node that fits, so that case waits first.
-    """
-    demand = {"CPU": spec.cpus, "GPU": spec.gpus}
-    deadline = time.monotonic() + wait
-    while (missing := _unplaceable(demand)) is not None:
-        if time.monotonic() >= deadline:
-            raise GvaeError(_resource_error(spec, missing, wait))
-        log(f"waiting for the autoscaler to add a node with {_describe(demand)} ...")
-        time.sleep(min(10.0, max(deadline - time.monotonic(), 0.0)))
-
-
-def _unplaceable(demand: dict[str, float]) -> tuple[str, float] | None:
-    """None when a live node holds the demand, else (resource, the most one node has)."""
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if any(all(node.get(k, 0) >= v for k, v in demand.items() if v > 0) for node in nodes):
-        return None
-    for key, value in demand.items():
-        most = max((node.get(key, 0) for node in nodes), default=0)
-        if value > 0 and most < value:
-            return key, most
-    return "CPU+GPU", 0.0  # each fits somewhere, never together
-
-
-def _resource_error(spec: StudySpec, missing: tuple[str, float], wait: float) -> str:
-    key, most = missing
-    waited = f"(waited {wait:g} s for the autoscaler)" if wait else "(a local Ray does not grow)"
-    if key == "GPU":
-        return (
-            f"resources.gpus: trials ask for {spec.gpus:g} GPU but no Ray node has that many "
-            f"{waited}; set resources.gpus: 0 or add GPU workers (see cluster.yaml)"
-        )
-    if key == "CPU":
-        return (
-            f"resources.cpus: a trial asks for {spec.cpus:g} CPUs but the largest Ray node has "
-            f"{most:g} {waited}; set resources.cpus: {max(most, 1):g} or less, or add bigger nodes"
-        )
-    return (
-        f"resources: no Ray node has both {spec.cpus:g} CPUs and {spec.gpus:g} GPUs {waited}; "
-        "lower resources.cpus or add bigger GPU nodes"
-    )
-
-
-def _describe(demand: dict[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}s" for k, v in demand.items() if v > 0)
-
-
 def _new_tuner(
     spec: StudySpec, trainable: Any, store: ResultsStore, recorder: ParquetRecorder
 ) -> tune.Tuner:
@@ -404,13 +263,15 @@ def _new_tuner(
             mode=[o.mode for o in spec.objectives],
             seed=0,
         )
-        tune_config["search_alg"] = DivergenceTolerantSearch(optuna)
+        tune_config["search_alg"] = tolerant_search(optuna, spec.concurrency or None)
+        tune_config["max_concurrent_trials"] = None  # limited inside the searcher
         tune_config["num_samples"] = spec.trials
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=store.root if "://" in store.uri else store.uri,
         storage_filesystem=store.fs if "://" in store.uri else None,
-        callbacks=[recorder],
+        # The guard first: it stops the study before the recorder marks a trial failed.
+        callbacks=[StopWhenStorageFull(store.uri), recorder],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=1,

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 
 class DivergenceTolerantSearch(Searcher):
@@ -71,13 +71,26 @@ class DivergenceTolerantASHA(ASHAScheduler):
         return None
 
 
-def make_tolerant(search_alg: Any, scheduler: Any) -> tuple[Any, Any]:
-    """The searcher and scheduler of a study restored from before these wrappers existed."""
+def tolerant_search(searcher: Searcher, max_concurrent: int | None) -> DivergenceTolerantSearch:
+    """The searcher a study runs: concurrency limited inside the wrapper.
+
+    Pass the Tuner no max_concurrent_trials with it: Tune would put its own ConcurrencyLimiter
+    outside, and a limiter restored from a saved study brings back the objectives as its metric.
+    """
+    if max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return DivergenceTolerantSearch(searcher)
+
+
+def make_tolerant(tune_config: Any) -> None:
+    """Give a study restored from before these wrappers existed (a bare OptunaSearch and ASHA,
+    which stop the study at its first diverged trial) the wrappers, in its TuneConfig."""
+    search_alg = tune_config.search_alg
     if isinstance(search_alg, Searcher) and not isinstance(search_alg, DivergenceTolerantSearch):
-        search_alg = DivergenceTolerantSearch(search_alg)
-    if type(scheduler) is ASHAScheduler:
-        scheduler.__class__ = DivergenceTolerantASHA  # same state, one property differs
-    return search_alg, scheduler
+        tune_config.search_alg = tolerant_search(search_alg, tune_config.max_concurrent_trials)
+        tune_config.max_concurrent_trials = None
+    if type(tune_config.scheduler) is ASHAScheduler:
+        tune_config.scheduler.__class__ = DivergenceTolerantASHA  # same state, one property differs
 
 
 def _is_number(value: Any) -> bool:
