@@ -137,10 +137,12 @@ def test_a_study_stuck_on_a_diverged_trial_resumes_and_finishes(cluster, tmp_pat
 
 # 2. Requests no node can meet ------------------------------------------------------------------
 
+ONE = {"grid": {"seed": [0]}}
+
 
 @pytest.mark.parametrize("joined", [False, True], ids=["local-ray", "cluster"])
 def test_more_cpus_than_any_node_has_stop_at_once_with_the_fix(cluster, tmp_path, joined):
-    study = write_study(tmp_path, "cpus", models=["vae"], resources={"cpus": 64})
+    study = write_study(tmp_path, "cpus", models=["vae"], resources={"cpus": 64}, search=ONE)
     command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study)]
     command += ["--storage", str(tmp_path)]
     if joined:  # on a cluster: after the autoscaler wait (1 s here)
@@ -155,7 +157,7 @@ def test_more_cpus_than_any_node_has_stop_at_once_with_the_fix(cluster, tmp_path
 
 
 def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path):
-    study = write_study(tmp_path, "cuda", models=["vae"], fixed={"device": "cuda"})
+    study = write_study(tmp_path, "cuda", models=["vae"], fixed={"device": "cuda"}, search=ONE)
     command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study)]
     out = subprocess.run(
         [*command, "--storage", str(tmp_path)], capture_output=True, text=True, timeout=120
