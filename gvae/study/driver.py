@@ -29,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
+from gvae.io import atomic_local_filesystem
 from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.recorder import ParquetRecorder
@@ -111,7 +112,7 @@ def _run_leased(
         {"cpu": spec.cpus, "gpu": spec.gpus},
     )
     experiment = f"{store.root}/{EXPERIMENT}"
-    filesystem = store.fs if "://" in store.uri else None  # Tune gets S3 options as we have them
+    filesystem = _tune_filesystem(store)
     resumed = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
     if resumed:
         where = store.location(EXPERIMENT)
@@ -131,6 +132,12 @@ def _run_leased(
     done = sum(status in ENDED for status in statuses)
     failed = sum(status == "failed" for status in statuses)
     return StudyRun(spec, store, resumed, done, failed)
+
+
+def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:
+    """Tune's storage: the S3 filesystem with the URI's options (endpoint_override, ...), or on
+    local disks one that writes files whole, so a full disk cannot cut Tune's state short."""
+    return store.fs if "://" in store.uri else atomic_local_filesystem()
 
 
 def _fit(tuner: tune.Tuner) -> None:
@@ -268,8 +275,8 @@ def _new_tuner(
         tune_config["num_samples"] = spec.trials
     run_config = tune.RunConfig(
         name=EXPERIMENT,
-        storage_path=store.root if "://" in store.uri else store.uri,
-        storage_filesystem=store.fs if "://" in store.uri else None,
+        storage_path=store.root,
+        storage_filesystem=_tune_filesystem(store),
         # The guard first: it stops the study before the recorder marks a trial failed.
         callbacks=[StopWhenStorageFull(store.uri), recorder],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),

@@ -91,6 +91,7 @@ class _HideTuneHints(logging.Filter):
 def hide_tune_hints() -> None:
     for name in (
         "ray.tune.tune",
+        "ray.tune.execution.tune_controller",  # a trial's traceback when storage is full
         "ray.tune.analysis.experiment_analysis",
         "ray.tune.search.search_generator",
     ):
