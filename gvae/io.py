@@ -2,18 +2,56 @@
 
 Paths are local paths or URIs that pyarrow's filesystems understand (s3://, gs://, ...). A write
 goes to a temporary name beside the target and is then moved over it (a rename on local disks).
+A write that fails removes its temporary file; a full disk raises StorageFull, naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+# errno values that mean "no room left" rather than a broken path or a lost connection.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFull(OSError):
+    """A write found no space left; `location` is the path or URI that could not be written."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(errno.ENOSPC, "no space left on device", location)
+        self.location = location
+
+
+def is_full(error: BaseException) -> bool:
+    """Whether the error (or one it was raised from) means the storage is full."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and (
+            seen.errno in FULL_ERRNOS or "No space left on device" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def join(location: str, *parts: str) -> str:
+    """`location/part/...` for a local path or a URI, keeping a URI's query (endpoint_override=)."""
+    if "://" not in location:
+        return str(Path(location, *parts))
+    split = urlsplit(location)
+    path = "/".join([split.path.rstrip("/"), *parts])
+    return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
 
 
 def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -26,12 +64,19 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
 
 def _write_atomic(location: str | Path, data: bytes) -> None:
     fs, path = resolve(location)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(data)
-    fs.move(tmp, path)
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(tmp) as stream:
+            stream.write(data)
+        fs.move(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # gone already, or the storage is unreachable
+            fs.delete_file(tmp)
+        if isinstance(error, OSError) and is_full(error):
+            raise StorageFull(str(location)) from error
+        raise
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -48,3 +93,131 @@ def write_parquet(location: str | Path, rows: list[dict[str, Any]]) -> None:
 
 def write_json(location: str | Path, data: Any) -> None:
     _write_atomic(location, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    _write_atomic(location, data)
+
+
+def read_bytes(location: str | Path) -> bytes | None:
+    """The file's bytes, or None when there is no such file."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+class _AtomicFile(io.RawIOBase):
+    """A file written under a temporary name and renamed over `path` when closed whole; after a
+    failed write (a full disk) closing removes it and leaves the old file as it was."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        parent, name = os.path.split(path)
+        self.path = path
+        self.tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.failed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def flush(self) -> None:
+        if not self.file.closed:  # IOBase.close() flushes after the file is closed
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.file.close()
+            if not self.failed:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            if self.failed:
+                with contextlib.suppress(OSError):
+                    os.remove(self.tmp)
+            super().close()
+
+
+class AtomicLocalHandler(pafs.FileSystemHandler):
+    """pyarrow's local filesystem, except that every file is written whole or not at all.
+
+    Ray Tune overwrites its experiment state and writes checkpoints in place; on a disk that
+    fills up mid-write that leaves cut-short files that a resume cannot read. Given to Tune as
+    its `storage_filesystem`, this keeps the last whole version of each file instead.
+    """
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+
+    def __reduce__(self) -> tuple:
+        return (AtomicLocalHandler, ())
+
+    def get_type_name(self) -> str:
+        return "gvae-atomic-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def equals(self, other: Any) -> bool:
+        return isinstance(other, AtomicLocalHandler)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to empty the root directory")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self.fs.open_input_stream(src) as source, self.open_output_stream(dest, None) as out:
+            while chunk := source.read(1 << 24):
+                out.write(chunk)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return pa.PythonFile(_AtomicFile(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self.fs.open_append_stream(path)
+
+
+def atomic_local_filesystem() -> pafs.FileSystem:
+    return pafs.PyFileSystem(AtomicLocalHandler())

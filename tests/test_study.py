@@ -128,23 +128,26 @@ def test_optuna_replicates_train_each_suggestion_on_seeds(cluster, tmp_path):
     assert (by_suggestion.lam.nunique() == 1).all() and trials.lam.nunique() == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where cuda trials fail")
-def test_a_failing_trial_is_retried_then_recorded_while_the_rest_finish(cluster, tmp_path):
+def test_a_trial_that_cannot_be_allocated_fails_at_once_while_the_rest_finish(cluster, tmp_path):
+    # 30M images of 784 float32 pixels: a 94 GB batch, more than this machine has (24 GiB).
     study = write_study(
         tmp_path,
         "fails",
         models=["vae"],
-        max_failures=1,
-        search={"grid": {"device": ["cpu", "cuda"]}},
+        max_failures=2,
+        search={"grid": {"batch_size": [16, 30_000_000]}},
     )
-    output = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    process = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 1, output[-3000:]  # a failed trial: exit status 1
     trials, _ = tables(tmp_path / "r", "fails")
-    by_device = trials.set_index("device")
-    assert by_device.loc["cpu", "status"] == "finished"
-    failed = trials[trials.status == "failed"].iloc[0]
-    assert failed.retries == 2  # the first run and max_failures = 1 retry
-    assert failed.error and "\n" not in failed.error
-    assert "1 failed" in output and "1 finished" in output
+    by_batch = trials.set_index("batch_size")
+    assert by_batch.loc[16, "status"] == "finished"
+    failed = by_batch.loc[30_000_000]
+    assert failed.status == "failed" and failed.retries == 0  # not retried max_failures times
+    assert failed.error.startswith("not retried (a batch or model that cannot be allocated)")
+    assert "\n" not in failed.error
+    assert "1 failed" in output and "1 finished" in output and failed.error in output
 
 
 OPTUNA_SEARCH = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,20 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         "(default: the study file's storage, else ./results)",
     )
     parser.add_argument(
+        "--resource-wait",
         "--gpu-wait",
+        dest="resource_wait",
         type=float,
         default=None,
-        help="seconds to wait for the cluster's autoscaler to add GPU nodes when trials ask for "
-        "GPUs and none are there (default: 900; without --address: no wait)",
+        help="seconds to wait for the cluster's autoscaler to add a node that can hold one trial "
+        "(its resources.cpus and resources.gpus) when none can (default: 900; without "
+        "--address: no wait, a local Ray does not grow)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="take the study over from another driver that holds it (use when that driver "
+        "died; a dead driver's hold lapses by itself 60 s after its last heartbeat)",
     )
     parser.add_argument(
         "--verbose",
@@ -77,14 +87,48 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
-    from gvae.study.driver import run_study, summary_lines  # Ray imports are slow: only here
+    """Exit status: 0 every trial ended with a result (finished, diverged, stopped), 1 some
+    failed after their retries, 2 bad input (GvaeError, in gvae.cli), 130 interrupted."""
+    from gvae.study.driver import resume_command, run_study, summary_lines  # Ray: slow import
 
-    wait = {} if args.gpu_wait is None else {"gpu_wait": args.gpu_wait}
-    run = run_study(
-        spec, raw, address=args.address, storage=args.storage, verbose=args.verbose, **wait
-    )
+    wait = {} if args.resource_wait is None else {"resource_wait": args.resource_wait}
+    storage = args.storage or spec.storage
+    try:
+        run = run_study(
+            spec,
+            raw,
+            address=args.address,
+            storage=storage,
+            force=args.force,
+            verbose=args.verbose,
+            **wait,
+        )
+    except KeyboardInterrupt:  # a second Ctrl-C, which skips Tune's last snapshot
+        store = ResultsStore(study_uri(storage, spec.name))
+        print(
+            _interrupted_line(spec, store, resume_command(spec.name, storage, args.address)),
+            file=sys.stderr,
+        )
+        return 130
     print("\n".join(summary_lines(run.store, spec)))
-    return 0
+    if run.interrupted:
+        print(
+            _interrupted_line(spec, run.store, resume_command(spec.name, storage, args.address)),
+            file=sys.stderr,
+        )
+        return 130
+    return 1 if run.failed else 0
+
+
+def _interrupted_line(spec: Any, store: ResultsStore, resume: str) -> str:
+    trials = store.read("trials.parquet")
+    statuses = trials["status"].value_counts().to_dict() if not trials.empty else {}
+    ended = {s: n for s, n in statuses.items() if s not in ("running", "pending")}
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(ended.items()))
+    return (
+        f"gvae: interrupted: study {spec.name} has {sum(ended.values())} of {spec.trial_count} "
+        f"trials done{f' ({counts})' if counts else ''}; `{resume}` continues it"
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -7,12 +7,12 @@ what makes `gvae study resume` possible.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import platform
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune
+from ray.tune.error import TuneError
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -32,10 +33,15 @@ from gvae.config import TrialConfig
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
+from gvae.io import atomic_local_filesystem
+from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
+from gvae.study.lease import StudyLease
 from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.replicates import SeedReplicates
+from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
+from gvae.study.searcher import DivergenceTolerantASHA, make_tolerant, tolerant_search
 from gvae.study.spec import Range, StudySpec, parse_study, read_yaml
 from gvae.study.trainable import train_trial
 
@@ -47,9 +53,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # TensorBoard files per trial: the Parquet tables hold all of it, so they are only cost here.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 SPEC_FILE = "study.yaml"
-# How long a study on a cluster waits for the autoscaler to bring the first GPU node: launching a
-# cloud GPU instance and running its setup commands takes minutes.
-GPU_WAIT_SECONDS = 900.0
+# Trial statuses that mean the trial has ended (the rest: pending, running).
+ENDED = ("finished", "diverged", "stopped", "failed")
 
 
 @dataclass
@@ -57,6 +62,12 @@ class StudyRun:
     spec: StudySpec
     store: ResultsStore
     resumed: bool
+    done: int  # trials that ended: finished, diverged, stopped or failed
+    failed: int
+
+    @property
+    def interrupted(self) -> bool:
+        return self.done < self.spec.trial_count
 
 
 def run_study(
@@ -65,10 +76,11 @@ def run_study(
     address: str | None = None,
     storage: str | None = None,
     log: Callable[[str], None] = print,
-    gpu_wait: float = GPU_WAIT_SECONDS,
+    resource_wait: float = RESOURCE_WAIT_SECONDS,
+    force: bool = False,
     verbose: bool = False,
 ) -> StudyRun:
-    """Run (or continue) a study; returns where its tables are.
+    """Run (or continue) a study; returns where its tables are and how far it got.
 
     Prints one line per ended trial and a progress line (gvae.study.progress); `verbose` shows
     Tune's own status tables and trial results instead.
@@ -76,7 +88,30 @@ def run_study(
     storage = storage or spec.storage
     uri = study_uri(storage, spec.name)
     store = ResultsStore(uri)
-    _check_same_study(store, raw_spec)
+    address = address or os.environ.get("RAY_ADDRESS")
+    check_devices(spec, local=not address)
+    resume = resume_command(spec.name, storage, address)
+    lease = StudyLease(uri, spec.name, log=log)
+    with storage_errors(uri, resume):
+        _check_same_study(store, raw_spec)
+        lease.acquire(force=force)
+    try:
+        with storage_errors(uri, resume):
+            return _run_leased(spec, raw_spec, store, address, log, resource_wait, verbose)
+    finally:
+        with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
+            lease.release()
+
+
+def _run_leased(
+    spec: StudySpec,
+    raw_spec: dict[str, Any],
+    store: ResultsStore,
+    address: str | None,
+    log: Callable[[str], None],
+    resource_wait: float,
+    verbose: bool,
+) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
     dataset = load_dataset(spec.dataset, data_root)
     evaluator = load_or_train_evaluator(dataset, log=log)
@@ -87,23 +122,59 @@ def run_study(
     _leave_job_working_dir()
     _quiet_tune_logs(verbose)
     _init_ray(address, log)
-    _check_gpus(spec, gpu_wait if address else 0.0, log)
+    check_resources(spec, resource_wait if address else 0.0, log)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_state=evaluator.state()),
         {"cpu": spec.cpus, "gpu": spec.gpus},
     )
-    experiment = f"{uri}/{EXPERIMENT}"
-    resumed = tune.Tuner.can_restore(experiment)
+    experiment = f"{store.root}/{EXPERIMENT}"
+    filesystem = _tune_filesystem(store)
+    resumed = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
     if resumed:
-        log(f"resuming study {spec.name} from {experiment}: finished trials are kept")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True)
+        where = store.location(EXPERIMENT)
+        log(f"resuming study {spec.name} from {where}: finished trials are kept")
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, storage_filesystem=filesystem
+        )
+        _tolerate_missing_objectives(tuner)
         _set_output(tuner, spec, verbose)
     else:
         _write_spec(store, raw_spec)
         recorder = ParquetRecorder(store, spec.name, provenance())
-        tuner = _new_tuner(spec, trainable, uri, recorder, verbose)
-    tuner.fit()
-    return StudyRun(spec, store, resumed)
+        tuner = _new_tuner(spec, trainable, store, recorder, verbose)
+    hide_tune_hints()
+    _fit(tuner)
+    trials = store.read(TRIALS)
+    statuses = trials["status"] if not trials.empty else []
+    done = sum(status in ENDED for status in statuses)
+    failed = sum(status == "failed" for status in statuses)
+    return StudyRun(spec, store, resumed, done, failed)
+
+
+def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:
+    """Tune's storage: the S3 filesystem with the URI's options (endpoint_override, ...), or on
+    local disks one that writes files whole, so a full disk cannot cut Tune's state short."""
+    return store.fs if "://" in store.uri else atomic_local_filesystem()
+
+
+def _fit(tuner: tune.Tuner) -> None:
+    """tuner.fit(), raising the error that stopped it as it was (Tune wraps it in TuneError)."""
+    try:
+        tuner.fit()
+    except TuneError as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, GvaeError | OSError):
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or error) from None
+
+
+def _tolerate_missing_objectives(tuner: tune.Tuner) -> None:
+    """A study begun before diverged trials were tolerated pickled a bare OptunaSearch and ASHA,
+    which stop the study at its first diverged trial: give the restored run the wrappers."""
+    internal = getattr(tuner, "_local_tuner", None)  # None under Ray Client: tuner is remote
+    if internal is None:
+        return
+    make_tolerant(internal._tune_config)
 
 
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
@@ -204,21 +275,6 @@ def _leave_job_working_dir() -> None:
         os.chdir(os.path.expanduser("~"))
 
 
-def _check_gpus(spec: StudySpec, wait: float, log: Callable[[str], None]) -> None:
-    """Stop, with the fix, when trials ask for GPUs that do not come within `wait` seconds."""
-    if spec.gpus <= 0:
-        return
-    deadline = time.monotonic() + wait
-    while ray.cluster_resources().get("GPU", 0) <= 0:
-        if time.monotonic() >= deadline:
-            raise GvaeError(
-                f"resources.gpus: trials ask for {spec.gpus:g} GPU but the Ray cluster has none "
-                f"(waited {wait:g} s); set resources.gpus: 0 or add GPU workers (see cluster.yaml)"
-            )
-        log("waiting for the autoscaler to add a GPU node ...")
-        time.sleep(min(10.0, max(deadline - time.monotonic(), 0.0)))
-
-
 def _progress(spec: StudySpec) -> ConsoleProgress:
     if spec.search_type == "grid":
         objective, params = ("mode_entropy", "max"), ("model", *spec.grid)
@@ -270,7 +326,7 @@ NETS_PER_STEP = {"gan": 2, "wgan": 2, "vae": 2, "vaegan": 3, "cvaegan": 3}
 
 
 def _new_tuner(
-    spec: StudySpec, trainable: Any, uri: str, recorder: ParquetRecorder, verbose: bool
+    spec: StudySpec, trainable: Any, store: ResultsStore, recorder: ParquetRecorder, verbose: bool
 ) -> tune.Tuner:
     param_space: dict[str, Any] = dict(spec.base_config())
     tune_config: dict[str, Any] = {
@@ -291,12 +347,15 @@ def _new_tuner(
             tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
         )
         param_space.update({key: _domain(value) for key, value in spec.space.items()})
-        tune_config["search_alg"] = _optuna_search(spec)
+        tune_config["search_alg"] = tolerant_search(_optuna_search(spec), spec.concurrency or None)
+        tune_config["max_concurrent_trials"] = None  # limited inside the searcher
         tune_config["num_samples"] = spec.trial_count
     run_config = tune.RunConfig(
         name=EXPERIMENT,
-        storage_path=uri,
-        callbacks=_callbacks(spec, recorder, verbose),
+        storage_path=store.root,
+        storage_filesystem=_tune_filesystem(store),
+        # The guard first: it stops the study before the recorder marks a trial failed.
+        callbacks=[StopWhenStorageFull(store.uri), *_callbacks(spec, recorder, verbose)],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # The last checkpoint is all a retry or a resume needs (and all a finished trial keeps).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -334,7 +393,7 @@ def _domain(value: Range | list[Any]) -> Any:
 def _scheduler(spec: StudySpec) -> ASHAScheduler | None:
     if spec.scheduler is None:
         return None
-    return ASHAScheduler(
+    return DivergenceTolerantASHA(
         metric=spec.scheduler.metric,
         mode=spec.scheduler.mode,
         time_attr="training_iteration",  # counts evaluations

@@ -101,6 +101,10 @@ class ParquetRecorder(Callback):
         row = self._trial_row(trial)
         row["wall_seconds"] = result.get("time_total_s")
         row.update({key: result[key] for key in CONTEXT_KEYS if key in result})
+        if "failed_error" in result:  # an error retrying cannot fix (gvae.study.trainable)
+            row["status"], row["error"] = "failed", result["failed_error"]
+            self.flush()
+            return
         if "diverged_at" in result:
             row["diverged_at"] = result["diverged_at"]
             row["iterations_done"] = result["diverged_at"] - 1
@@ -123,7 +127,9 @@ class ParquetRecorder(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._trial_row(trial)
-        if row.get("diverged_at") is not None:
+        if row["status"] == "failed":
+            pass  # ended by the trainable after an error retrying cannot fix
+        elif row.get("diverged_at") is not None:
             row["status"] = "diverged"
         elif row.get("iterations_done") == trial.config["iterations"]:
             row["status"] = "finished"

@@ -33,7 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gvae.io import resolve, write_parquet
+from gvae.io import join, resolve, write_parquet
 
 TRIALS = "trials.parquet"
 CURVES = "curves.parquet"
@@ -45,7 +45,7 @@ ROW_GROUP_ROWS = 1024  # rows per row group of a compacted table
 def study_uri(storage: str, name: str) -> str:
     """Absolute URI or path of a study's folder; relative local paths resolve against the cwd."""
     if "://" in storage:
-        return f"{storage.rstrip('/')}/{name}"
+        return join(storage, name)  # keeps a query such as ?endpoint_override=
     return str((Path(storage) / name).resolve())
 
 
@@ -63,7 +63,7 @@ class ResultsStore:
         self.bytes_written = 0  # what this store has uploaded or written, for benchmarks and tests
 
     def location(self, table: str) -> str:
-        return f"{self.uri}/{table}"
+        return join(self.uri, table)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"

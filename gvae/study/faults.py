@@ -1,0 +1,100 @@
+"""Storage faults as one line with the fix, and Tune's stop messages replaced by gvae's own.
+
+A full disk stops the study (exit status 2) with the path and the command that continues it once
+there is room; an S3 bucket that is wrong or refuses the credentials stops it before training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from gvae.errors import GvaeError
+from gvae.io import StorageFull, is_full
+
+
+def resume_command(name: str, storage: str, address: str | None) -> str:
+    """The gvae command that continues this study from wherever it is run."""
+    command = f"gvae study resume {name}"
+    if storage != "results":
+        command += f" --storage {storage if '://' in storage else Path(storage).resolve()}"
+    return command + (f" --address {address}" if address else "")
+
+
+class StopWhenStorageFull(Callback):
+    """Stop the study when a trial could not save its checkpoint for lack of space.
+
+    Retrying cannot help until there is room, and a trial that used up its retries would be
+    recorded as failed and never resumed; stopping at the first such error keeps it unfinished,
+    so `gvae study resume` continues it from its last checkpoint.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._check(trial)
+
+    def _check(self, trial: Any) -> None:
+        if "No space left on device" in str(trial.get_error()):
+            raise StorageFull(self.uri)
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, resume: str) -> Iterator[None]:
+    """Storage failures as one line: a full disk says how to continue, others what to check."""
+    try:
+        yield
+    except OSError as error:
+        if is_full(error):
+            where = error.location if isinstance(error, StorageFull) else uri
+            raise GvaeError(
+                f"storage: no space left on device writing {where}; free space there, then "
+                f"`{resume}` continues the study"
+            ) from None
+        if "://" not in uri:
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise GvaeError(
+            f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
+        ) from None
+
+
+class _HideTuneHints(logging.Filter):
+    """At a stop Tune names its Python API (`Tuner.restore(...)`) and warns about trials that had
+    not reported yet; gvae says instead how far the study got and which command continues it."""
+
+    HIDDEN = (
+        "Resume experiment with",
+        "Failed to fetch metrics",
+        "Trials did not complete",
+        # A study begun before DivergenceTolerantSearch has no state saved for it (it has none).
+        "DivergenceTolerantSearch was not found",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] and is_full(record.exc_info[1]):
+            return False  # a full disk: gvae's own line names the path and the fix
+        return not any(hidden in message for hidden in self.HIDDEN)
+
+
+def hide_tune_hints() -> None:
+    for name in (
+        "ray.tune.tune",
+        "ray.tune.execution.tune_controller",  # a trial's traceback when storage is full
+        "ray.tune.analysis.experiment_analysis",
+        "ray.tune.search.search_generator",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideTuneHints) for f in logger.filters):
+            logger.addFilter(_HideTuneHints())

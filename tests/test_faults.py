@@ -1,0 +1,298 @@
+"""Faults real searches and clusters meet, on a real Ray cluster with real subprocess drivers:
+diverged Optuna trials, requests no node can meet, two drivers on one study, Ctrl-C, a full disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray.tune.search.optuna import OptunaSearch
+
+from tests.raycluster import LocalRayCluster
+from tests.test_study import tables, write_study
+
+pytestmark = pytest.mark.slow
+
+# lr 1e12 makes the VAE's loss infinite within a few steps: a trial that diverges.
+DIVERGING_SPACE = {"lr": [0.001, 1.0e12], "seed": [0, 1]}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        ray_cluster.start_head(num_cpus=2)
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+def gvae(cluster: LocalRayCluster, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """A driver in its own process, joined to the test's cluster."""
+    command = [sys.executable, "-m", "gvae.cli", *args, "--address", cluster.address]
+    return subprocess.Popen(
+        command,
+        env={**cluster.env, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def wait_for(predicate, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def rows(storage: Path, name: str) -> pd.DataFrame:
+    path = storage / name / "trials.parquet"
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame({"status": []})
+
+
+def optuna_states(storage: Path, name: str) -> list[str]:
+    """The states Optuna recorded, read from the searcher state Tune saved."""
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(storage / name / "tune"))
+    return sorted(trial.state.name for trial in searcher._ot_study.trials)
+
+
+# 1. Diverged trials under Optuna ---------------------------------------------------------------
+
+
+def test_diverged_optuna_trials_fail_in_optuna_and_the_study_goes_on(cluster, tmp_path):
+    study = write_study(
+        tmp_path,
+        "optdiv",
+        models=["vae"],
+        search={
+            "optuna": {
+                "trials": 4,
+                "objectives": {"mode_entropy": "max"},
+                "space": DIVERGING_SPACE,
+            }
+        },
+        scheduler={"asha": {"metric": "mode_entropy", "mode": "max"}},
+    )
+    code, output = finish(gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path)))
+    assert code == 0, output[-3000:]
+    trials, _ = tables(tmp_path, "optdiv")
+    assert len(trials) == 4 and set(trials.status) <= {"finished", "stopped", "diverged"}
+    diverged = trials[trials.status == "diverged"]
+    assert len(diverged) >= 1 and (diverged.lr == 1.0e12).all()
+    assert (trials[trials.status != "diverged"].lr == 0.001).all()
+    # Optuna learned each diverged trial failed; it was given no invented value.
+    states = optuna_states(tmp_path, "optdiv")
+    assert states.count("FAIL") == len(diverged) and len(states) == 4
+    assert "did not include the specified metric" not in output
+
+
+def test_a_study_stuck_on_a_diverged_trial_resumes_and_finishes(cluster, tmp_path):
+    study = write_study(
+        tmp_path,
+        "stuck",
+        models=["vae"],
+        concurrency=1,
+        search={
+            "optuna": {
+                "trials": 2,
+                "objectives": {"mode_entropy": "max", "mean_image_entropy": "min"},
+                "space": {"lr": [1.0e12]},
+            }
+        },
+    )
+    # The driver as it was: a bare OptunaSearch, which stops the study at the diverged trial.
+    old = (
+        "import sys, gvae.study.driver as d; d.tolerant_search = lambda s, n: s; "
+        "from gvae.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", old, "study", "run", str(study), "--storage", str(tmp_path)]
+    command += ["--address", cluster.address]
+    before = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert before.returncode == 1, before.stdout[-2000:] + before.stderr[-2000:]
+    assert "did not include the specified metric" in before.stdout + before.stderr
+
+    code, output = finish(gvae(cluster, "study", "resume", "stuck", "--storage", str(tmp_path)))
+    assert code == 0, output[-3000:]
+    assert "resuming study stuck" in output
+    trials, _ = tables(tmp_path, "stuck")
+    assert len(trials) == 2 and set(trials.status) == {"diverged"}
+    assert optuna_states(tmp_path, "stuck") == ["FAIL", "FAIL"]
+
+
+# 2. Requests no node can meet ------------------------------------------------------------------
+
+ONE = {"grid": {"seed": [0]}}
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["local-ray", "cluster"])
+def test_more_cpus_than_any_node_has_stop_at_once_with_the_fix(cluster, tmp_path, joined):
+    study = write_study(tmp_path, "cpus", models=["vae"], resources={"cpus": 64}, search=ONE)
+    command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study)]
+    command += ["--storage", str(tmp_path)]
+    if joined:  # on a cluster: after the autoscaler wait (1 s here)
+        command += ["--address", cluster.address, "--resource-wait", "1"]
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("gvae: error: resources.cpus: a trial asks for 64 CPUs but the ")
+    assert "set resources.cpus: 2 or less" in last
+    assert not (tmp_path / "cpus" / "trials.parquet").exists()
+
+
+def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path):
+    study = write_study(tmp_path, "cuda", models=["vae"], fixed={"device": "cuda"}, search=ONE)
+    command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study)]
+    out = subprocess.run(
+        [*command, "--storage", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "gvae: error: fixed.device: trials ask for a CUDA device but resources.gpus is 0, so Ray "
+        "gives them no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or device: auto"
+    ]
+    assert "ray:" not in out.stdout  # Ray never started
+    assert not (tmp_path / "cuda").exists()
+
+
+# 3. Two drivers on one study -------------------------------------------------------------------
+
+LONG = {"iterations": 400, "eval_every": 100, "concurrency": 1}
+
+
+def test_a_second_driver_is_refused_and_a_dead_drivers_lease_lapses(cluster, tmp_path):
+    study = write_study(tmp_path, "twin", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG)
+    run = ["study", "run", str(study), "--storage", str(tmp_path)]
+    first = gvae(cluster, *run, env={"GVAE_LEASE_SECONDS": "6"})
+    wait_for(lambda: "running" in set(rows(tmp_path, "twin").status))
+    code, output = finish(gvae(cluster, *run))
+    assert code == 2, output[-2000:]
+    last = output.strip().splitlines()[-1]
+    pattern = (
+        r"gvae: error: study: twin is already being run by the driver on host (\S+), pid (\d+), "
+        r"started (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC); wait for it to end, or pass --force "
+        r"if that driver is dead"
+    )
+    match = re.match(pattern, last)
+    assert match and int(match[2]) == first.pid, last
+    assert match[1] == os.uname().nodename
+
+    first.send_signal(signal.SIGKILL)  # dies without releasing the lease
+    first.wait()
+    time.sleep(7)  # its lease lapses 6 s after the last heartbeat: no --force needed
+    code, output = finish(gvae(cluster, *run))
+    assert code == 0, output[-3000:]
+    trials, curves = tables(tmp_path, "twin")
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+    assert not (tmp_path / "twin" / "driver.lease").exists()  # released at the end
+
+
+def test_force_takes_a_study_over_and_the_first_driver_stops(cluster, tmp_path):
+    study = write_study(
+        tmp_path, "takeover", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG
+    )
+    run = ["study", "run", str(study), "--storage", str(tmp_path)]
+    first = gvae(cluster, *run, env={"GVAE_LEASE_SECONDS": "4"})
+    wait_for(lambda: "running" in set(rows(tmp_path, "takeover").status))
+    second = gvae(cluster, *run, "--force")
+    code, output = finish(first)
+    assert code == 130, output[-3000:]  # stopped as by Ctrl-C when its lease was taken
+    assert "study takeover was taken over by the driver on host" in output
+    code, output = finish(second)
+    assert code == 0, output[-3000:]
+    assert "--force: taking study takeover over from the driver on host" in output
+    trials, curves = tables(tmp_path, "takeover")
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+# 6. Exit codes and Ctrl-C ----------------------------------------------------------------------
+
+
+def test_ctrl_c_exits_130_with_how_far_it_got_and_the_command_that_continues(cluster, tmp_path):
+    study = write_study(
+        tmp_path, "sigint", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG
+    )
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
+    wait_for(lambda: "finished" in set(rows(tmp_path, "sigint").status))
+    driver.send_signal(signal.SIGINT)
+    code, output = finish(driver)
+    assert code == 130, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    prefix = "gvae: interrupted: study sigint has 1 of 2 trials done (1 finished); `"
+    assert last.startswith(prefix) and last.endswith("` continues it"), last
+    resume = shlex.split(last[len(prefix) : -len("` continues it")])
+    assert resume[:4] == ["gvae", "study", "resume", "sigint"]
+    assert resume[4:] == ["--storage", str(tmp_path.resolve()), "--address", cluster.address]
+    for hidden in ("Tuner.restore", "Failed to fetch metrics", "Traceback"):
+        assert hidden not in output
+
+    command = [sys.executable, "-m", "gvae.cli", *resume[1:]]
+    again = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    trials, curves = tables(tmp_path, "sigint")
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+# 5. A full disk --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MB tmpfs: room for one VAE checkpoint (about 10 MB) and the tables, not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_and_resume_finishes(cluster, small_disk, tmp_path):
+    study = write_study(tmp_path, "full", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG)
+    code, output = finish(gvae(cluster, "study", "run", str(study), "--storage", str(small_disk)))
+    assert code == 2, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    resume = f"gvae study resume full --storage {small_disk} --address {cluster.address}"
+    assert re.fullmatch(
+        rf"gvae: error: storage: no space left on device writing {small_disk}/full\S*; free "
+        rf"space there, then `{re.escape(resume)}` continues the study",
+        last,
+    ), last
+    assert "Traceback" not in output and "OSError" not in output, output[-6000:]
+    leftovers = [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    before = pd.read_parquet(small_disk / "full" / "trials.parquet")
+
+    # Room again: the printed command finishes every trial, no row lost or duplicated.
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    command = [sys.executable, "-m", "gvae.cli", *shlex.split(resume)[1:]]
+    again = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    trials, curves = tables(small_disk, "full")
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert set(before.trial_id) <= set(trials.trial_id)
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()

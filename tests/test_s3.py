@@ -1,0 +1,159 @@
+"""Studies on S3: a real S3 API server (moto's, with credentials checked) on 127.0.0.1, reached the
+way a MinIO or Ceph user reaches theirs: `s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http`
+and the AWS_* credential variables on every node."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
+from tests.raycluster import LocalRayCluster
+from tests.test_study import write_study
+
+pytestmark = pytest.mark.slow
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "gvae"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server with one bucket and one IAM user whose keys it checks."""
+    import moto.settings
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    setup = {
+        "endpoint_url": f"http://{host}:{port}",
+        "region_name": "us-east-1",
+        "aws_access_key_id": "setup",
+        "aws_secret_access_key": "setup",
+    }
+    iam = boto3.client("iam", **setup)
+    iam.create_user(UserName="gvae")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*"}]}
+    policy["Statement"][0]["Resource"] = "*"
+    iam.put_user_policy(UserName="gvae", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="gvae")["AccessKey"]
+    boto3.client("s3", **setup).create_bucket(Bucket=BUCKET)
+    previous = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on, every request is authenticated
+    try:
+        yield {
+            "endpoint": f"{host}:{port}",
+            "env": {
+                "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            },
+        }
+    finally:
+        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
+        server.stop()
+
+
+def storage(s3: dict, bucket: str = BUCKET) -> str:
+    return f"s3://{bucket}/results?endpoint_override={s3['endpoint']}&scheme=http&region=us-east-1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    """Ray nodes with the credentials in their environment, as a cluster's nodes would have."""
+    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
+    ray_cluster.env.update(s3["env"])
+    try:
+        ray_cluster.start_head(num_cpus=2)
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+def gvae(cluster: LocalRayCluster, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gvae.cli", *args],
+        env={**cluster.env, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_path):
+    study = write_study(
+        tmp_path,
+        "ons3",
+        models=["vae"],
+        iterations=400,
+        eval_every=100,
+        concurrency=1,
+        search={"grid": {"seed": [0, 1]}},
+    )
+    uri = storage(s3)
+    store = ResultsStore(study_uri(uri, "ons3"))  # the tables, read back from the server
+    join = ["--address", cluster.address, "--storage", uri]
+    driver = gvae(cluster, "study", "run", str(study), *join)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        trials = store.read(TRIALS)
+        if not trials.empty and (trials.status == "finished").any():
+            break
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)  # the driver dies, its lease and tables stay on S3
+    driver.wait()
+    before = store.read(TRIALS)
+    finished_before = before[before.status == "finished"].set_index("trial_id")
+    assert len(finished_before) == 1
+
+    code, output = finish(gvae(cluster, "study", "resume", "ons3", *join))
+    assert code == 2, output[-2000:]
+    assert "ons3 is already being run by the driver on host" in output.strip().splitlines()[-1]
+    code, output = finish(gvae(cluster, "study", "resume", "ons3", *join, "--force"))
+    assert code == 0, output[-3000:]
+    assert "resuming study ons3" in output
+    trials, curves = store.read(TRIALS), store.read(CURVES)
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+    kept = trials.set_index("trial_id").loc[finished_before.index]
+    assert (kept.wall_seconds == finished_before.wall_seconds).all()  # not re-run
+
+    report = tmp_path / "report"
+    code, output = finish(gvae(cluster, "report", "ons3", "--storage", uri, "--out", str(report)))
+    assert code == 0, output[-2000:]
+    assert (report / "report.md").read_text().startswith("# Study `ons3`")
+    code, output = finish(gvae(cluster, "reproduce", "ons3", "--storage", uri))
+    assert code == 0, output[-2000:]
+    assert "identical to the recorded trial" in output
+    assert len(store.read("reproductions.parquet")) == 1
+
+
+@pytest.mark.parametrize("fault", ["wrong-bucket", "bad-credentials"])
+def test_s3_that_cannot_be_used_stops_with_one_line_before_training(cluster, s3, tmp_path, fault):
+    study = write_study(tmp_path, "nos3", models=["vae"], search={"grid": {"seed": [0]}})
+    bucket = "no-such-bucket" if fault == "wrong-bucket" else BUCKET
+    env = {"AWS_SECRET_ACCESS_KEY": "wrong"} if fault == "bad-credentials" else {}
+    uri = storage(s3, bucket)
+    command = ["study", "run", str(study), "--address", cluster.address, "--storage", uri]
+    process = gvae(cluster, *command, env=env)
+    code, output = finish(process, timeout=120)
+    assert code == 2, output[-2000:]
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output[-2000:]  # nothing before it: no Ray, no evaluator, no trial
+    reason = "Bucket 'no-such-bucket' not found" if fault == "wrong-bucket" else "ACCESS_DENIED"
+    assert lines[0].startswith(f"gvae: error: storage: cannot use {study_uri(uri, 'nos3')}: ")
+    assert reason in lines[0] and lines[0].endswith(
+        "check the bucket name, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and "
+        "endpoint_override (docs/cluster.md)"
+    )
