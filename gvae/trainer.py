@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 from gvae.config import TrialConfig
 from gvae.data import BatchSampler, StreamedBatches, load_dataset, training_batches
-from gvae.evaluator import Evaluator, load_or_train_evaluator
+from gvae.evaluation import Evaluator, load_or_train_evaluator
 from gvae.models import MODELS, GenerativeModel
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gvae.data import Dataset, fingerprint, load_dataset
-from gvae.evaluator import Evaluator, default_cache_dir, load_or_train_evaluator
+from gvae.evaluation import Evaluator, default_cache_dir, load_or_train_evaluator
 
 
 @pytest.fixture(scope="module")
