@@ -14,7 +14,13 @@ import torch
 from gvae.data import Dataset
 from gvae.errors import GvaeError
 from gvae.evaluation.measurement import Evaluator
-from gvae.evaluation.training import default_epochs, evaluator_key, train_evaluator
+from gvae.evaluation.training import (
+    channel_evaluator,
+    channel_evaluator_key,
+    default_epochs,
+    evaluator_key,
+    train_evaluator,
+)
 
 try:  # POSIX only; elsewhere concurrent processes may just train the same network twice
     import fcntl
@@ -95,11 +101,28 @@ def load_or_train_evaluator(
     log: Callable[[str], None] = print,
     epochs: int | None = None,
 ) -> Evaluator:
-    """The evaluator for `dataset`: from the disk cache if present, else trained and cached."""
+    """The evaluator for `dataset`: from the disk cache if present, else trained and cached.
+
+    A stacked dataset's evaluator reuses the cached digit classifier of its `channel_dataset`
+    (trained first if need be; `epochs` are its epochs) and is cached with its reference row.
+    """
+    folder = _prepare_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    if dataset.channel_dataset is not None:
+        digits = load_or_train_evaluator(dataset.channel_dataset, cache_dir, device, log, epochs)
+        key = channel_evaluator_key(dataset, digits.key)
+        path = folder / f"{dataset.name}-{key}.pt"
+        with _exclusive(path.with_suffix(".lock"), log):
+            evaluator = _try_load(path, key, device, log)
+            if evaluator is None:
+                evaluator = channel_evaluator(dataset, digits, key)
+                _atomic_save(evaluator.state(), path)
+                log(
+                    f"evaluator: {dataset.name} channels labelled by {digits.key}, cached at {path}"
+                )
+        return evaluator.to(device)
     if epochs is None and not dataset.has_attributes:
         epochs = default_epochs(len(dataset.train_labels))
     key = evaluator_key(dataset, epochs)
-    folder = _prepare_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     path = folder / f"{dataset.name}-{key}.pt"
     with _exclusive(path.with_suffix(".lock"), log):
         evaluator = _try_load(path, key, device, log)

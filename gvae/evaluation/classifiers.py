@@ -70,9 +70,21 @@ def _conv_classifier(widths: list[int], grid: int, outputs: int) -> nn.Sequentia
 
 
 def predict(
-    net: nn.Sequential, images: torch.Tensor, attributes: bool, batch_size: int = 1000
+    net: nn.Sequential,
+    images: torch.Tensor,
+    attributes: bool,
+    batch_size: int = 1000,
+    per_channel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities (sigmoid for attributes, else softmax) and the last hidden layer's features."""
+    """Probabilities (sigmoid for attributes, else softmax) and the last hidden layer's features.
+
+    `per_channel`: label each channel of [N, C, H, W] on its own with a one-channel net, giving
+    probabilities [N, C, K] and features [N, C * D].
+    """
+    if per_channel:
+        count, channels = images.shape[:2]
+        probs, features = predict(net, images.flatten(0, 1).unsqueeze(1), attributes, batch_size)
+        return probs.view(count, channels, -1), features.view(count, -1)
     device = next(net.parameters()).device
     body, head = net[:-1], net[-1]
     net.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -24,7 +25,10 @@ from gvae.evaluation.classifiers import (
     predict,
 )
 from gvae.evaluation.measurement import (
+    DENSITY_COVERAGE_K,
+    STATE_FORMAT,
     Evaluator,
+    RealNeighbours,
     measurement_from_attribute_probs,
     measurement_from_probs,
 )
@@ -65,6 +69,7 @@ def evaluator_key(dataset: Dataset, epochs: int | None) -> str:
         "batch": BATCH_SIZE,
         "lr": LEARNING_RATE,
         "dropout": DROPOUT,
+        "format": STATE_FORMAT,
     }
     if dataset.has_attributes:
         recipe.update(
@@ -74,6 +79,15 @@ def evaluator_key(dataset: Dataset, epochs: int | None) -> str:
             modes=list(MODE_ATTRIBUTES),
             held_out=HELD_OUT_LIMIT,
         )
+    return _hash(recipe)
+
+
+def channel_evaluator_key(dataset: Dataset, digits_key: str) -> str:
+    """Cache key of a channel evaluator: its digit classifier's key and the stacked images."""
+    return _hash({"data": dataset.fingerprint, "digits": digits_key, "format": STATE_FORMAT})
+
+
+def _hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -145,10 +159,15 @@ def _check_mode_attributes(dataset: Dataset) -> None:
 def _held_out(
     net: nn.Sequential, dataset: Dataset
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probabilities, features and labels of the first HELD_OUT_LIMIT held-out images."""
+    """Probabilities, features and labels of the held-out images: all of those held in memory,
+    the first HELD_OUT_LIMIT of those streamed from disk."""
     probs, features, labels = [], [], []
-    for images, batch_labels in held_out_batches(dataset, 1000, HELD_OUT_LIMIT):
-        batch_probs, batch_features = predict(net, images, dataset.has_attributes)
+    limit = HELD_OUT_LIMIT if dataset.files is not None else None
+    per_channel = dataset.channel_dataset is not None
+    for images, batch_labels in held_out_batches(dataset, 1000, limit):
+        batch_probs, batch_features = predict(
+            net, images, dataset.has_attributes, per_channel=per_channel
+        )
         probs.append(batch_probs)
         features.append(batch_features)
         labels.append(batch_labels)
@@ -189,7 +208,7 @@ def train_evaluator(
         correct = (probs > 0.5).long() == labels  # per image and attribute
     else:
         reference = measurement_from_probs(probs, dataset.num_classes)
-        correct = probs.argmax(dim=1) == labels
+        correct = reference.labels == labels
     meta = {
         "dataset": dataset.name,
         "fingerprint": dataset.fingerprint,
@@ -210,5 +229,45 @@ def train_evaluator(
         meta=meta,
         attribute_names=dataset.attribute_names,
         mode_attributes=mode_attributes,
-        reference_features=feature_statistics(features) if len(features) >= 2 else None,
+        **_real_features(features),
+    )
+
+
+def _real_features(features: torch.Tensor) -> dict:
+    """The held-out features' statistics (Frechet distance) and nearest neighbours (precision,
+    recall, density, coverage), as Evaluator arguments; none from too few images."""
+    if len(features) <= DENSITY_COVERAGE_K + 1:
+        return {"reference_features": None, "neighbours": None}
+    return {
+        "reference_features": feature_statistics(features),
+        "neighbours": RealNeighbours.from_features(features),
+    }
+
+
+def channel_evaluator(dataset: Dataset, digits: Evaluator, key: str = "") -> Evaluator:
+    """The evaluator of a stacked dataset: `digits` (trained on its `channel_dataset`) labels each
+    channel, and the reference row and features come from the stacked held-out images.
+
+    Its accuracy is the share of held-out images whose every channel is labelled right.
+    """
+    net = copy.deepcopy(digits.net).cpu()
+    probs, features, labels = _held_out(net, dataset)
+    reference = measurement_from_probs(probs, dataset.num_classes)
+    meta = {
+        "dataset": dataset.name,
+        "fingerprint": dataset.fingerprint,
+        "digits": digits.key,
+        "digit_accuracy": digits.accuracy,
+        "held_out_images": len(labels),
+    }
+    return Evaluator(
+        net,
+        image_shape=dataset.image_shape,
+        num_classes=dataset.num_classes,
+        accuracy=float((reference.labels == labels).double().mean()),
+        reference=reference,
+        key=key or channel_evaluator_key(dataset, digits.key),
+        meta=meta,
+        channel_classes=digits.num_classes,
+        **_real_features(features),
     )

@@ -17,6 +17,18 @@ from gvae.study.results import CURVES, TRIALS, ResultsStore
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
 CURVE_EXTRA_KEYS = ("frechet_distance", "iterations_per_second", "eval_seconds")
+# Mode counts, classifier score, k-NN fidelity/diversity and the cvaegan hinge's activity; each
+# also summarised as final_<name> in the trials table.
+CURVE_METRIC_KEYS = (
+    "modes_covered",
+    "kl_to_uniform",
+    "classifier_score",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "constraint_active",
+)
 ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
 CONTEXT_KEYS = (
     "device_used",
@@ -27,6 +39,9 @@ CONTEXT_KEYS = (
     "real_mode_entropy",
     "real_mean_image_entropy",
     "mode_attributes",
+    "real_modes_covered",
+    "real_kl_to_uniform",
+    "real_classifier_score",
 )
 
 
@@ -138,7 +153,7 @@ class ParquetRecorder(Callback):
         return self.trials[trial.trial_id]
 
     def _add_curve_row(self, trial: Any, result: dict[str, Any]) -> None:
-        keys = (*CURVE_KEYS, *CURVE_EXTRA_KEYS)
+        keys = (*CURVE_KEYS, *CURVE_EXTRA_KEYS, *CURVE_METRIC_KEYS)
         row = {"study": self.study, "trial_id": trial.trial_id, "model": trial.config["model"]}
         row.update({key: result.get(key) for key in keys})
         row.update({key: value for key, value in result.items() if key.endswith("_loss")})
@@ -169,6 +184,8 @@ def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str
         summary["final_class_histogram"] = last["class_histogram"]
         summary["best_mode_entropy"] = max(p["mode_entropy"] for p in points)
         summary["best_mean_image_entropy"] = min(p["mean_image_entropy"] for p in points)
+        for key in ("frechet_distance", *CURVE_METRIC_KEYS):
+            summary[f"final_{key}"] = last.get(key)
         for key, value in last.items():
             if key.endswith("_loss") and value is not None and math.isfinite(value):
                 summary[f"final_{key}"] = value
