@@ -252,7 +252,7 @@ class Evaluator:
         Frechet distance and (from DENSITY_COVERAGE_K + 2 images on) precision, recall, density
         and coverage."""
         probs, features = self.predict(images)
-        measurement = self._measurement(probs)
+        measurement = self.measure_probs(probs)
         if self.reference_features is not None and len(features) >= 2:
             measurement.frechet_distance = frechet_distance_from_statistics(
                 *feature_statistics(features), *self.reference_features
@@ -271,7 +271,8 @@ class Evaluator:
             "real_classifier_score": reference.classifier_score,
         }
 
-    def _measurement(self, probs: torch.Tensor) -> Measurement:
+    def measure_probs(self, probs: torch.Tensor) -> Measurement:
+        """The mode statistics of `predict`'s probabilities (no feature-space metrics)."""
         if self.has_attributes:
             return measurement_from_attribute_probs(probs, self.mode_columns)
         return measurement_from_probs(probs, self.num_classes)
