@@ -195,7 +195,9 @@ def knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(
             f"k must lie in [1, {len(features) - 1}] for {len(features)} rows, got {k}"
         )
-    return pairwise_distances(features, features).kthvalue(k + 1, dim=1).values
+    distances = pairwise_distances(features, features)
+    # topk of k + 1 (sorted, smallest first) is ~10x faster than kthvalue on the CPU.
+    return distances.topk(k + 1, dim=1, largest=False).values[:, -1]
 
 
 def precision_recall_from_distances(
