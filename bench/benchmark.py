@@ -160,6 +160,44 @@ def table_row(row: Row, limit_gflops: float) -> str:
     )
 
 
+METRIC_DATASETS = ("mnist5k", "stacked-mnist5k")
+
+
+def cpu_timed(function: Callable[[], object]) -> float:
+    """CPU seconds of this process for one call: on one thread, the work itself, which other
+    processes sharing the cores inflate far less than the wall time."""
+    tick = time.process_time()
+    function()
+    return time.process_time() - tick
+
+
+def metric_costs(name: str, log: Callable[[str], None]) -> str:
+    """CPU seconds each part of one evaluation takes on EVAL_SAMPLES real training images of
+    `name`: the classifier pass, the mode statistics (histogram, entropies, classifier score), the
+    Frechet distance, and the k-NN metrics (precision, recall, density, coverage)."""
+    from gvae.metrics import feature_statistics, frechet_distance_from_statistics
+
+    dataset = load_dataset(name)
+    evaluator = load_or_train_evaluator(dataset, log=log)
+    index = torch.randint(len(dataset.train_images), (EVAL_SAMPLES,), generator=torch.Generator())
+    images = dataset.train_images[index]
+    outputs: list[torch.Tensor] = []  # [probabilities, features]
+    classify = cpu_timed(lambda: outputs.extend(evaluator.predict(images)))
+    probs, features = outputs
+    modes = cpu_timed(lambda: evaluator.measure_probs(probs))
+    reference = evaluator.reference_features
+    frechet = cpu_timed(
+        lambda: frechet_distance_from_statistics(*feature_statistics(features), *reference)
+    )
+    neighbours = cpu_timed(lambda: evaluator.neighbours.score(features))
+    real = len(evaluator.neighbours.features)
+    return (
+        f"{name:<16} classify {classify:6.3f} s | modes + classifier score {modes:6.3f} s | "
+        f"Frechet {frechet:6.3f} s | precision/recall/density/coverage {neighbours:6.3f} s "
+        f"(k-NN over {min(EVAL_SAMPLES, 5000)} generated x {real} real)"
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -210,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
             name, dataset, evaluator, device, args.iterations, args.warmup, args.repeats
         )
         print(table_row(row, layer), flush=True)
+    print(f"\nmetrics of one evaluation of {EVAL_SAMPLES} images (CPU seconds, one thread):")
+    for name in METRIC_DATASETS:
+        print(metric_costs(name, log), flush=True)
 
 
 if __name__ == "__main__":

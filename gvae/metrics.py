@@ -11,6 +11,8 @@ and sharpness is the mean binary entropy of all attribute predictions (`mean_bin
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -123,3 +125,113 @@ def frechet_distance_from_statistics(
     cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
     return max(float(distance), 0.0)  # exact value is >= 0; clip round-off below it
+
+
+# --- mode counts ----------------------------------------------------------------------------
+
+
+def modes_covered(labels: torch.Tensor, num_modes: int) -> int:
+    """How many of the `num_modes` modes have at least one sample."""
+    return int((class_histogram(labels, num_modes) > 0).sum())
+
+
+def kl_to_uniform(labels: torch.Tensor, num_modes: int) -> float:
+    """KL(mode histogram || uniform over `num_modes`) = ln K − mode entropy; 0 when even."""
+    return max(math.log(num_modes) - mode_entropy(labels, num_modes), 0.0)
+
+
+def joint_probabilities(factors: torch.Tensor) -> torch.Tensor:
+    """Distributions over K^C joint modes [N, K^C] from C independent factors [N, C, K].
+
+    The first factor is the most significant digit: with digit classes per channel, mode 123 is
+    (1, 2, 3). A [N, K] input is returned as it is.
+    """
+    if factors.dim() == 2:
+        return factors
+    joint = factors[:, 0]
+    for channel in range(1, factors.shape[1]):
+        joint = (joint.unsqueeze(2) * factors[:, channel].unsqueeze(1)).flatten(1)
+    return joint
+
+
+def classifier_score(probs: torch.Tensor, chunk: int = 4096) -> float:
+    """exp(H(mean p) − mean H(p)): the Inception Score computed with our classifier.
+
+    `probs` is [N, K] class probabilities, or [N, C, K] when C independent factors (the channels
+    of a Stacked MNIST image) make a joint distribution over K^C modes; the joint is formed in
+    chunks of `chunk` images, and its entropy is the sum of the factors' entropies. Between 1 (all
+    images alike, or each one a coin toss) and K^C (every image sure, modes evenly used).
+    """
+    if probs.dim() not in (2, 3) or len(probs) == 0:
+        raise ValueError(f"expected probabilities [N, K] or [N, C, K], got {tuple(probs.shape)}")
+    probs = probs.double()
+    mean_joint = sum(joint_probabilities(part).sum(dim=0) for part in probs.split(chunk))
+    mean_joint = mean_joint / len(probs)
+    mean_entropy = entropy(probs, dim=-1).reshape(len(probs), -1).sum(dim=1).mean()
+    return float(torch.exp(entropy(mean_joint) - mean_entropy))
+
+
+# --- fidelity and diversity from k nearest neighbours in feature space ----------------------
+# Written here rather than taken from torch-fidelity (precision and recall only) or prdc (all
+# four, but one k for all, numpy distance matrices recomputed on every call, and a print): the
+# evaluator computes the real images' radii once, and one fake-to-real distance matrix serves
+# all four numbers.
+
+
+def pairwise_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Euclidean distances [N, M] (float32) between rows of a [N, D] and b [M, D]."""
+    a, b = a.float(), b.float()
+    return (
+        torch.cat([torch.cdist(part, b) for part in a.split(chunk)])
+        if len(a)
+        else a.new_empty(0, len(b))
+    )
+
+
+def knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row of [N, D] to its k-th nearest other row: the radius of its
+    k-nearest-neighbour ball (the row itself, at distance 0, is not counted)."""
+    if not 1 <= k < len(features):
+        raise ValueError(
+            f"k must lie in [1, {len(features) - 1}] for {len(features)} rows, got {k}"
+        )
+    distances = pairwise_distances(features, features)
+    # topk of k + 1 (sorted, smallest first) is ~10x faster than kthvalue on the CPU.
+    return distances.topk(k + 1, dim=1, largest=False).values[:, -1]
+
+
+def precision_recall_from_distances(
+    fake_to_real: torch.Tensor, real_radii: torch.Tensor, fake_radii: torch.Tensor
+) -> tuple[float, float]:
+    """Kynkäänniemi et al. (2019): precision is the share of fakes inside some real image's
+    k-NN ball; recall the share of reals inside some fake image's k-NN ball.
+
+    fake_to_real [M, N] distances, real_radii [N], fake_radii [M]; a point on a ball's surface is
+    inside (<=, as in the paper's definition).
+    """
+    precision = (fake_to_real <= real_radii.unsqueeze(0)).any(dim=1).double().mean()
+    recall = (fake_to_real <= fake_radii.unsqueeze(1)).any(dim=0).double().mean()
+    return float(precision), float(recall)
+
+
+def density_coverage_from_distances(
+    fake_to_real: torch.Tensor, real_radii: torch.Tensor, k: int
+) -> tuple[float, float]:
+    """Naeem et al. (2020): density counts, per fake, the real k-NN balls it falls in, divided by
+    k and averaged (1 when fakes are distributed like reals, above 1 where they crowd dense
+    regions); coverage is the share of reals whose ball holds at least one fake."""
+    inside = fake_to_real <= real_radii.unsqueeze(0)
+    density = inside.double().sum(dim=1).mean() / k
+    coverage = inside.any(dim=0).double().mean()
+    return float(density), float(coverage)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall of fake features [M, D] against real ones [N, D]."""
+    distances = pairwise_distances(fake, real)
+    return precision_recall_from_distances(distances, knn_radii(real, k), knn_radii(fake, k))
+
+
+def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    """Density and coverage of fake features [M, D] against real ones [N, D]."""
+    return density_coverage_from_distances(pairwise_distances(fake, real), knn_radii(real, k), k)

@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 
 from gvae.config import TrialConfig
 from gvae.data import BatchSampler, StreamedBatches, load_dataset, training_batches
-from gvae.evaluator import Evaluator, load_or_train_evaluator
+from gvae.evaluation import Evaluator, load_or_train_evaluator
 from gvae.models import MODELS, GenerativeModel
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -141,10 +141,7 @@ def run_trial(
         final={key: value for key, value in final.items() if key != "grid_images"},
         device=str(device),
         evaluator_accuracy=evaluator.accuracy,
-        reference={
-            "mode_entropy": evaluator.reference.mode_entropy,
-            "mean_image_entropy": evaluator.reference.mean_image_entropy,
-        },
+        reference=evaluator.reference.scalars(),
         mode_attributes=evaluator.mode_attributes,
     )
 
@@ -168,12 +165,9 @@ def _evaluate(
     measurement = evaluator.measure(images)
     row: dict[str, Any] = {
         "iteration": iteration,
-        "mode_entropy": measurement.mode_entropy,
-        "mean_image_entropy": measurement.mean_image_entropy,
+        **measurement.scalars(),  # Frechet distance and the k-NN metrics when measurable
         "class_histogram": measurement.class_histogram,
     }
-    if measurement.frechet_distance is not None:
-        row["frechet_distance"] = measurement.frechet_distance
     row["eval_seconds"] = time.perf_counter() - tick
     grid = images[:GRID_SIZE].cpu()
     arrays = {

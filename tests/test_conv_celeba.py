@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gvae import data
 from gvae.cli import main
 from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.data import Dataset, StreamedBatches, load_celeba, load_dataset
+from gvae.data import celeba as celeba_module
 from gvae.errors import GvaeError
-from gvae.evaluator import (
+from gvae.evaluation import (
     MODE_ATTRIBUTES,
     Evaluator,
     load_or_train_evaluator,
@@ -55,7 +55,7 @@ def streamed(tmp_path_factory: pytest.TempPathFactory, celeba_root: Path) -> tup
     root = tmp_path_factory.mktemp("celeba-streamed")
     (root / "celeba").symlink_to(celeba_root / "celeba")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "IN_MEMORY_MAX_IMAGES", 0)
+        patch.setattr(celeba_module, "IN_MEMORY_MAX_IMAGES", 0)
         return root, load_dataset("celeba", root)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gvae.data import Dataset, fingerprint, load_dataset
-from gvae.evaluator import Evaluator, default_cache_dir, load_or_train_evaluator
+from gvae.evaluation import Evaluator, default_cache_dir, load_or_train_evaluator
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,22 @@ def test_measure_held_out_real_images(
     assert measured.image_entropies.dtype == torch.float32
     assert measured.mode_entropy == pytest.approx(evaluator.reference.mode_entropy)
     assert measured.class_histogram == evaluator.reference.class_histogram
+    assert measured.modes_covered == 10
+    assert measured.kl_to_uniform == pytest.approx(math.log(10) - measured.mode_entropy)
+    assert 9.0 < measured.classifier_score <= 10.0
+    # The very images behind the reference neighbours: every one lies in its own k-NN ball.
+    assert (measured.precision, measured.recall, measured.coverage) == (1.0, 1.0, 1.0)
+    assert measured.frechet_distance == pytest.approx(0.0, abs=1e-6)
+
+
+def test_collapsed_samples_score_low(trained: tuple[Evaluator, float, list[str]], mnist5k: Dataset):
+    evaluator = trained[0]
+    one_digit = mnist5k.test_images[:1].repeat(500, 1, 1, 1)
+    measured = evaluator.measure(one_digit)
+    assert measured.modes_covered == 1 and measured.mode_entropy == 0.0
+    assert measured.kl_to_uniform == pytest.approx(math.log(10))
+    assert measured.classifier_score == pytest.approx(1.0, abs=0.05)
+    assert measured.coverage < 0.05 and measured.recall < 0.05
 
 
 def test_state_round_trip(trained: tuple[Evaluator, float, list[str]], mnist5k: Dataset) -> None:

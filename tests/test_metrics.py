@@ -9,11 +9,18 @@ import torch
 
 from gvae.metrics import (
     class_histogram,
+    classifier_score,
+    density_coverage,
     entropy,
     frechet_distance,
     image_entropies,
+    joint_probabilities,
+    kl_to_uniform,
+    knn_radii,
     mean_image_entropy,
     mode_entropy,
+    modes_covered,
+    precision_recall,
 )
 
 
@@ -101,3 +108,65 @@ def test_frechet_distance_matches_scipy_sqrtm() -> None:
 def test_frechet_distance_rejects_mismatched_features() -> None:
     with pytest.raises(ValueError):
         frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
+
+
+def test_modes_covered_and_kl_to_uniform() -> None:
+    # labels 0, 0, 1, 3 of 4 modes: histogram [2, 1, 0, 1], three modes have a sample.
+    # p = [1/2, 1/4, 0, 1/4]: H = 1/2 ln 2 + 2 * 1/4 ln 4 = 3/2 ln 2; KL = ln 4 - H = 1/2 ln 2.
+    labels = torch.tensor([0, 0, 1, 3])
+    assert modes_covered(labels, 4) == 3
+    assert kl_to_uniform(labels, 4) == pytest.approx(0.5 * math.log(2))
+    assert kl_to_uniform(torch.arange(1000), 1000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_classifier_score_by_hand() -> None:
+    # Sure and different: H(mean) = ln 2, mean H = 0 -> exp(ln 2) = 2.
+    assert classifier_score(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(2.0)
+    # Both unsure: H(mean) = mean H = ln 2 -> 1.
+    assert classifier_score(torch.full((2, 2), 0.5)) == pytest.approx(1.0)
+    # [1, 0] and [.5, .5]: mean [.75, .25], H(mean) = -(.75 ln .75 + .25 ln .25) = 0.562335;
+    # mean H = (0 + ln 2) / 2 = 0.346574 -> exp(0.215762) = 1.240806.
+    mixed = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert classifier_score(mixed) == pytest.approx(1.240806, abs=1e-6)
+
+
+def test_classifier_score_of_independent_channels() -> None:
+    # Two images of two sure channels: (0, 1) is joint mode 0b01 = 1, (1, 1) is mode 3.
+    # mean joint [0, .5, 0, .5]: H = ln 2, mean H = 0 -> 2.
+    factors = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    assert joint_probabilities(factors).tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
+    assert classifier_score(factors) == pytest.approx(2.0)
+    assert classifier_score(factors, chunk=1) == pytest.approx(2.0)
+
+
+def test_knn_radii_leave_the_point_itself_out() -> None:
+    # 0, 1, 2, 10: nearest other points at 1, 1, 1, 8; second nearest at 2, 1, 2, 9.
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    assert knn_radii(points, 1).tolist() == [1, 1, 1, 8]
+    assert knn_radii(points, 2).tolist() == [2, 1, 2, 9]
+
+
+def test_precision_recall_density_coverage_by_hand() -> None:
+    # reals 0, 1, 2, 10 (k = 1 radii 1, 1, 1, 8); fakes 0.5, 1.5, 20 (radii 1, 1, 18.5).
+    # fake-to-real distances: 0.5 -> [.5, .5, 1.5, 9.5]; 1.5 -> [1.5, .5, .5, 8.5];
+    # 20 -> [20, 19, 18, 10].
+    real = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    fake = torch.tensor([[0.5], [1.5], [20.0]])
+    precision, recall = precision_recall(real, fake, k=1)
+    # precision: 0.5 (in real 0's ball) and 1.5 (in real 1's) but not 20 -> 2/3.
+    # recall: reals 0, 1, 2 lie in the balls of fakes 0.5 or 1.5; real 10 lies in fake 20's wide
+    # ball (10 <= 18.5), the outlier effect Naeem et al. point out -> 4/4.
+    assert precision == pytest.approx(2 / 3)
+    assert recall == pytest.approx(1.0)
+    density, coverage = density_coverage(real, fake, k=1)
+    # density: fake 0.5 is in the balls of reals 0 and 1, fake 1.5 in those of 1 and 2, fake 20 in
+    # none -> (2 + 2 + 0) / (1 * 3) = 4/3. coverage: real 10's nearest fake is 8.5 away (> 8),
+    # so 3 of 4 reals are covered.
+    assert density == pytest.approx(4 / 3)
+    assert coverage == pytest.approx(3 / 4)
+
+
+def test_identical_sets_have_full_precision_recall_and_coverage() -> None:
+    points = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(points, points.clone()) == pytest.approx((1.0, 1.0))
+    assert density_coverage(points, points.clone())[1] == pytest.approx(1.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import load_study, tables
+from analysis import constraint, fidelity, load_study, tables
 from gvae.cli import main
 from tests import tiny_studies
 
@@ -118,6 +118,59 @@ def test_failures_and_counts_keep_every_unfinished_trial():
     assert next(iter(counts)) == "finished"
 
 
+def test_welch_interval_by_hand():
+    # a = 1, 2, 3 (mean 2, s^2 = 1); b = 0, 0, 2 (mean 2/3, s^2 = 4/3): difference 4/3.
+    # se^2 = 1/3 + 4/9 = 7/9; df = (7/9)^2 / ((1/3)^2 / 2 + (4/9)^2 / 2) = 98/25 = 3.92;
+    # t(0.975, 3.92) = 2.798935 (any t table, interpolated); half-width 2.798935 * 0.881917.
+    difference, low, high = constraint.welch_interval([1, 2, 3], [0, 0, 2])
+    assert difference == pytest.approx(4 / 3)
+    assert (low, high) == (pytest.approx(-1.135095, abs=1e-5), pytest.approx(3.801762, abs=1e-5))
+    assert constraint.verdict(low, high, "max") == constraint.NO_DIFFERENCE
+    assert constraint.verdict(0.1, 0.3, "min") == "higher (worse)"
+    assert constraint.verdict(-0.3, -0.1, "min") == "lower (better)"
+    assert math.isnan(constraint.welch_interval([1.0], [1.0, 2.0])[1])
+
+
+def test_constraint_effect_per_setting_with_the_fig8_share():
+    sure, unsure = [0.1] * 3 + [1.0], [0.1] + [1.0] * 3  # low-entropy shares 3/4 and 1/4
+    rows = [
+        {"model": "vaegan", "seed": s, "final_mode_entropy": m, "final_image_entropies": unsure}
+        for s, m in [(0, 2.0), (1, 2.1), (2, 2.2)]
+    ] + [
+        {"model": "cvaegan", "seed": s, "d": d, "final_mode_entropy": m}
+        | {"final_image_entropies": sure if d == 6.0 else unsure}
+        for s, d, m in [(0, 6.0, 1.0), (1, 6.0, 1.1), (2, 6.0, 1.2), (0, 7.0, 2.0), (1, 7.0, 2.2)]
+    ]
+    effect = constraint.constraint_effect(trials_frame(rows)).set_index(["setting", "metric"])
+    entropy = effect.loc[("d=6", "mode_entropy")]
+    assert entropy["difference"] == pytest.approx(-1.0)
+    assert entropy["verdict"] == "lower (worse)" and entropy["seeds"] == "3 vs 3"
+    assert effect.loc[("d=7", "mode_entropy"), "verdict"] == constraint.NO_DIFFERENCE
+    share = effect.loc[("d=6", "low_entropy_share")]
+    assert (share["cvaegan"], share["vaegan"]) == (0.75, 0.25)
+    claim = constraint.fig8_claim(effect.reset_index())
+    assert "At d=6, the claim is **supported**" in claim[0]
+    assert "At d=7, the claim is **not supported: no difference detected**" in claim[1]
+
+
+def test_stacked_mnist_table_sets_published_numbers_beside_ours():
+    rows = [
+        {"model": "gan", "seed": s, "final_modes_covered": c, "final_kl_to_uniform": k}
+        for s, c, k in [(0, 100, 3.0), (1, 300, 2.0)]
+    ]
+    trials = trials_frame(
+        [r | {"real_modes_covered": 1000, "real_kl_to_uniform": 0.02} for r in rows]
+    )
+    table = fidelity.stacked_mnist_table(trials).set_index("model")
+    assert (
+        table.loc["gan", "modes_covered_mean"] == 200 and table.loc["gan", "source"] == "this study"
+    )
+    assert table.loc[tables.REAL_DATA, "kl_to_uniform_mean"] == 0.02
+    assert table.loc["VEEGAN", "modes_covered_mean"] == 150.0
+    assert table.loc["PacDCGAN2", "kl_to_uniform_mean"] == 0.06
+    assert table.loc["DCGAN", "source"] == fidelity.PUBLISHED
+
+
 # --- real studies -----------------------------------------------------------------------------
 
 
@@ -137,6 +190,8 @@ def assert_files(out: Path, names: list[str]) -> None:
 GRID_FILES = [
     "report.md",
     "table1.csv",
+    "table2.csv",
+    "constraint_effect.csv",
     "image_entropy.csv",
     "trials.csv",
     "failures.csv",
@@ -169,6 +224,22 @@ def test_report_of_a_grid_study(storage, tmp_path, capsys):
     assert (entropy["threshold"] == tables.LOW_ENTROPY_THRESHOLD).all()
     for heading in ["Table 1", "Fig. 3", "Fig. 5", "Fig. 8", "Figs. 2, 4 and 7", "2.266"]:
         assert heading in markdown
+    table2 = pd.read_csv(tmp_path / "table2.csv").set_index("model")
+    covered = trials.groupby("model")["final_modes_covered"].mean()
+    for model, value in covered.items():
+        assert table2.loc[model, "modes_covered_mean"] == pytest.approx(value)
+    assert table2.loc[tables.REAL_DATA, "modes_covered_mean"] == 10
+    for column in ["final_precision", "final_recall", "final_density", "final_coverage"]:
+        assert trials[column].notna().all(), column
+    assert "## Table 2: fidelity and diversity" in markdown
+    assert "## Does the constraint help?" in markdown and "Fig. 8 claim" in markdown
+    effect = pd.read_csv(tmp_path / "constraint_effect.csv")
+    assert set(effect["metric"]) >= {"mode_entropy", "precision", "low_entropy_share"}
+    assert (effect["seeds"] == "2 vs 2").all()
+    curves = load_study("grid", str(storage)).curves
+    hinge = curves.loc[curves["model"] == "cvaegan", "constraint_active"]
+    assert len(hinge) == 4 and hinge.between(0, 1).all()
+    assert curves.loc[curves["model"] == "vaegan", "constraint_active"].isna().all()
     assert "None: every trial finished." in markdown
     assert "Optuna" not in markdown
 

@@ -34,6 +34,16 @@ def test_tiny_trial_of_every_model(model, tmp_path):
         assert 0.0 <= row["mean_image_entropy"] <= math.log(10) + 1e-6
         assert sum(row["class_histogram"]) == 300
         assert row["iterations_per_second"] > 0
+        assert 1 <= row["modes_covered"] <= 10
+        assert row["kl_to_uniform"] == pytest.approx(math.log(10) - row["mode_entropy"])
+        assert 1.0 <= row["classifier_score"] <= 10.0 + 1e-6
+        assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
+        assert 0.0 <= row["coverage"] <= 1.0 and row["density"] >= 0.0
+        # The hinge's activity is a share of steps, recorded by the constrained VAE-GAN only.
+        if model == "cvaegan":
+            assert 0.0 <= row["constraint_active"] <= 1.0
+        else:
+            assert "constraint_active" not in row
     assert [files for _, files in reports] == [[CHECKPOINT_FILE]] * 2
     final_metrics = reports[-1][0]
     assert len(final_metrics["image_entropies"]) == 300

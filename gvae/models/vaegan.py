@@ -65,3 +65,10 @@ class ConstrainedVAEGAN(VAEGAN):
 
     def gan_term(self, gan_loss: torch.Tensor) -> torch.Tensor:
         return constrained_gan_term(gan_loss, self.config.lam, self.config.d)
+
+    def train_step(self, next_batch: BatchSource) -> Losses:
+        losses = super().train_step(next_batch)
+        # 1 when the hinge passed gradient (L_gan > d) this step: the trainer averages it over the
+        # steps between evaluations into the curves' `constraint_active` share.
+        losses["constraint_active"] = (losses["gan_loss"] > self.config.d).float()
+        return losses

@@ -27,8 +27,20 @@ from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
-# Extra scalar metrics of an evaluation: curve columns whose last value is also `final_<name>`.
-CURVE_EXTRA_KEYS = ("frechet_distance",)
+# Scalar metrics of an evaluation besides the two entropies: Fréchet distance, mode counts,
+# classifier score, k-NN fidelity/diversity and the cvaegan hinge's activity. Curve columns whose
+# last value is also `final_<name>` in the trials table.
+CURVE_EXTRA_KEYS = (
+    "frechet_distance",
+    "modes_covered",
+    "kl_to_uniform",
+    "classifier_score",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "constraint_active",
+)
 # Curve columns about speed only (no final_ summary).
 CURVE_TIMING_KEYS = ("iterations_per_second", "eval_seconds")
 ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
@@ -41,6 +53,9 @@ CONTEXT_KEYS = (
     "real_mode_entropy",
     "real_mean_image_entropy",
     "mode_attributes",
+    "real_modes_covered",
+    "real_kl_to_uniform",
+    "real_classifier_score",
 )
 ENDED = ("finished", "failed", "diverged", "stopped")
 

@@ -39,7 +39,19 @@ TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 STUDY_LEVEL_FIELDS = {"dataset", "iterations", "eval_every", "model"}
 SEARCHABLE = {"model", "lam", "d", "lr", "seed", "batch_size", "n_critic", "clip", "gan_loss"}
 SEARCHABLE |= {"device"}  # e.g. a grid over cpu and cuda to compare throughput
-METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
+# What an Optuna objective or the ASHA scheduler may name: every scalar an evaluation reports.
+METRICS = (
+    "mode_entropy",
+    "mean_image_entropy",
+    "frechet_distance",
+    "modes_covered",
+    "kl_to_uniform",
+    "classifier_score",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+)
 
 
 @dataclass(frozen=True)
@@ -308,7 +320,8 @@ def _objectives(objectives: Any) -> tuple[Objective, ...]:
     for metric, mode in objectives.items():
         if metric not in METRICS:
             raise GvaeError(
-                f"search.optuna.objectives.{metric}: unknown metric; use {' or '.join(METRICS)}"
+                f"search.optuna.objectives.{metric}: unknown metric; "
+                f"use one of {', '.join(METRICS)}"
             )
         if mode not in ("max", "min"):
             raise GvaeError(f"search.optuna.objectives.{metric}: expected max or min, got {mode!r}")
@@ -327,7 +340,9 @@ def _scheduler(value: Any) -> Scheduler | None:
     metric = asha.get("metric", "mode_entropy")
     mode = asha.get("mode", "max")
     if metric not in METRICS:
-        raise GvaeError(f"scheduler.asha.metric: unknown metric {metric!r}; use {METRICS[0]}")
+        raise GvaeError(
+            f"scheduler.asha.metric: unknown metric {metric!r}; use one of {', '.join(METRICS)}"
+        )
     if mode not in ("max", "min"):
         raise GvaeError(f"scheduler.asha.mode: expected max or min, got {mode!r}")
     grace = int(_positive(asha, "grace_period", 1, "scheduler.asha.", integer=True))

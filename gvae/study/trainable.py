@@ -31,6 +31,7 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
         "evaluator_accuracy": evaluator.accuracy,
         "real_mode_entropy": evaluator.reference.mode_entropy,
         "real_mean_image_entropy": evaluator.reference.mean_image_entropy,
+        **evaluator.real_columns(),  # modes covered, KL to uniform, classifier score
         # What mode_entropy counts on face data (joint attribute values); None for classes.
         "mode_attributes": " x ".join(evaluator.mode_attributes) or None,
     }
