@@ -1,0 +1,35 @@
+"""The dataset registry: name -> loader, and `load_dataset`, which loads each once per process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from gvae.data.celeba import load_celeba
+from gvae.data.dataset import Dataset
+from gvae.data.digits import load_fashion_mnist, load_mnist, load_mnist5k
+from gvae.data.stacked import load_stacked_mnist, load_stacked_mnist5k
+from gvae.errors import GvaeError
+
+DATASETS: dict[str, Callable[[Path, bool], Dataset]] = {
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "mnist5k": load_mnist5k,
+    "celeba": load_celeba,
+    "stacked-mnist": load_stacked_mnist,
+    "stacked-mnist5k": load_stacked_mnist5k,
+}
+
+_LOADED: dict[tuple[str, Path], Dataset] = {}
+
+
+def load_dataset(name: str, root: str | Path = "data", download: bool = True) -> Dataset:
+    """Load a registered dataset, once per (name, root) per process."""
+    loader = DATASETS.get(name)
+    if loader is None:
+        known = ", ".join(sorted(DATASETS))
+        raise GvaeError(f"unknown dataset '{name}'; choose one of: {known}")
+    key = (name, Path(root).expanduser().resolve())
+    if key not in _LOADED:
+        _LOADED[key] = loader(key[1], download)
+    return _LOADED[key]
