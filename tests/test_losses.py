@@ -11,6 +11,7 @@ from gvae.losses import (
     gan_generator_loss,
     kl_to_standard_normal,
     reconstruction_loss,
+    reconstruction_loss_from_logits,
     wgan_critic_loss,
     wgan_generator_loss,
 )
@@ -47,6 +48,20 @@ def test_reconstruction_loss_sums_pixels_and_averages_batch():
     images = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])
     reconstruction = torch.full_like(images, 0.5)
     assert reconstruction_loss(reconstruction, images).item() == pytest.approx(2 * math.log(2))
+
+
+def test_reconstruction_loss_from_logits_is_the_same_loss():
+    # Pixel 1: target 1, logit 0 -> p = 0.5, -log 0.5 = ln 2. Pixel 2: target 0, logit ln 3 ->
+    # p = 3/4, -log(1 - 3/4) = ln 4. One image: ln 2 + ln 4 = ln 8.
+    logits = torch.tensor([[[[0.0, math.log(3.0)]]]])
+    images = torch.tensor([[[[1.0, 0.0]]]])
+    assert reconstruction_loss_from_logits(logits, images).item() == pytest.approx(math.log(8))
+    mixed = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    targets = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert reconstruction_loss_from_logits(mixed, targets).item() == pytest.approx(
+        reconstruction_loss(torch.sigmoid(mixed), targets).item(), rel=1e-5
+    )
+    assert reconstruction_loss_from_logits(torch.full((1, 2), math.nan), images[0, 0]).isnan()
 
 
 @pytest.mark.parametrize(

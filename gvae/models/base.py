@@ -53,6 +53,14 @@ class GenerativeModel:
         # RMSprop has no fused kernel; foreach updates all tensors in a few kernel launches.
         return torch.optim.RMSprop(net.parameters(), lr=self.config.learning_rate, foreach=True)
 
+    def decode_logits(self, latent: torch.Tensor) -> torch.Tensor:
+        """The generator's output before its final sigmoid: the decoder's logits per pixel."""
+        out = latent
+        for module in self.generator:  # every family's generator: a Sequential ending in Sigmoid
+            if not isinstance(module, nn.Sigmoid):
+                out = module(out)
+        return out
+
     def noise(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.latent_dim, device=self.device)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gvae.losses import reparameterise, vae_loss
+from gvae.losses import kl_to_standard_normal, reconstruction_loss_from_logits, reparameterise
 from gvae.models.base import BatchSource, GenerativeModel, Losses, step
 from gvae.nets import Architecture, ImageShape
 
@@ -17,7 +17,8 @@ class VAE(GenerativeModel):
     def train_step(self, next_batch: BatchSource) -> Losses:
         real = next_batch()
         mean, log_var = self.encoder(real)
-        reconstruction = self.generator(reparameterise(mean, log_var))
-        recon_loss, kl_loss = vae_loss(reconstruction, real, mean, log_var)
+        logits = self.decode_logits(reparameterise(mean, log_var))
+        recon_loss = reconstruction_loss_from_logits(logits, real)
+        kl_loss = kl_to_standard_normal(mean, log_var)
         step(self.optimizers["vae"], recon_loss + kl_loss)
         return {"recon_loss": recon_loss.detach(), "kl_loss": kl_loss.detach()}

@@ -12,8 +12,9 @@ from gvae.losses import (
     constrained_gan_term,
     gan_discriminator_loss,
     gan_generator_loss,
+    kl_to_standard_normal,
+    reconstruction_loss_from_logits,
     reparameterise,
-    vae_loss,
 )
 from gvae.models.base import BatchSource, GenerativeModel, Losses, step
 from gvae.nets import Architecture, ImageShape
@@ -41,7 +42,8 @@ class VAEGAN(GenerativeModel):
     def train_step(self, next_batch: BatchSource) -> Losses:
         real = next_batch()
         mean, log_var = self.encoder(real)
-        reconstruction = self.generator(reparameterise(mean, log_var))
+        logits = self.decode_logits(reparameterise(mean, log_var))
+        reconstruction = torch.sigmoid(logits)
         fakes = torch.cat([reconstruction, self.generator(self.noise(real.shape[0]))])
 
         d_loss = gan_discriminator_loss(
@@ -49,7 +51,8 @@ class VAEGAN(GenerativeModel):
         )
         step(self.optimizers["discriminator"], d_loss)
 
-        recon_loss, kl_loss = vae_loss(reconstruction, real, mean, log_var)
+        recon_loss = reconstruction_loss_from_logits(logits, real)
+        kl_loss = kl_to_standard_normal(mean, log_var)
         gan_loss = gan_generator_loss(self.discriminator(fakes), self.config.gan_loss)
         step(self.optimizers["vae"], recon_loss + kl_loss + self.gan_term(gan_loss))
         return {
