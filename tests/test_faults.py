@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from ray.tune.search.optuna import OptunaSearch
 
+from gvae.study.trainable import permanent_failure
 from tests.raycluster import LocalRayCluster
 from tests.test_study import tables, write_study
 
@@ -296,3 +298,31 @@ def test_a_full_disk_stops_with_one_line_and_resume_finishes(cluster, small_disk
     assert len(trials) == 2 and set(trials.status) == {"finished"}
     assert set(before.trial_id) <= set(trials.trial_id)
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+# Which errors are retried -----------------------------------------------------------------------
+
+
+def raised(action) -> BaseException:
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 - the error itself is what is tested
+        return error
+    raise AssertionError("no error")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_a_missing_cuda_driver_is_not_retried():
+    error = raised(lambda: torch.zeros(1, device="cuda"))
+    reason = permanent_failure(error)
+    assert reason is not None and reason.startswith("not retried (")
+
+
+def test_allocation_failures_are_not_retried_and_lost_workers_are():
+    # 30M x 784 float32: a 94 GB request, refused at once by this 24 GiB machine.
+    error = raised(lambda: torch.empty(30_000_000, 784))
+    assert permanent_failure(error).startswith(
+        "not retried (a batch or model that cannot be allocated): "
+    )
+    assert permanent_failure(ConnectionError("node 10.0.0.3 died")) is None
+    assert permanent_failure(OSError(28, "No space left on device")) is None  # stops the study

@@ -5,6 +5,7 @@ and the AWS_* credential variables on every node."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -47,15 +48,17 @@ def s3():
     boto3.client("s3", **setup).create_bucket(Bucket=BUCKET)
     previous = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on, every request is authenticated
+    env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # this process reads the tables back from the server too
     try:
-        yield {
-            "endpoint": f"{host}:{port}",
-            "env": {
-                "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-            },
-        }
+        yield {"endpoint": f"{host}:{port}", "env": env}
     finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
         server.stop()
 

@@ -93,6 +93,8 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
 
     wait = {} if args.resource_wait is None else {"resource_wait": args.resource_wait}
     storage = args.storage or spec.storage
+    store = ResultsStore(study_uri(storage, spec.name))
+    resume = resume_command(spec.name, storage, args.address)
     try:
         run = run_study(
             spec,
@@ -104,18 +106,11 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
             **wait,
         )
     except KeyboardInterrupt:  # a second Ctrl-C, which skips Tune's last snapshot
-        store = ResultsStore(study_uri(storage, spec.name))
-        print(
-            _interrupted_line(spec, store, resume_command(spec.name, storage, args.address)),
-            file=sys.stderr,
-        )
+        print(_interrupted_line(spec, store, resume), file=sys.stderr)
         return 130
-    print("\n".join(summary_lines(run.store, spec)))
+    print("\n".join(summary_lines(store, spec)))
     if run.interrupted:
-        print(
-            _interrupted_line(spec, run.store, resume_command(spec.name, storage, args.address)),
-            file=sys.stderr,
-        )
+        print(_interrupted_line(spec, store, resume), file=sys.stderr)
         return 130
     return 1 if run.failed else 0
 

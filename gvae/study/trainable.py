@@ -69,6 +69,7 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
 # Messages of errors that the same trial on the same node hits again however often it runs.
 PERMANENT_MESSAGES = {
     "not enough memory": "a batch or model that cannot be allocated",
+    "can't allocate memory": "a batch or model that cannot be allocated",
     "out of memory": "a batch or model that cannot be allocated",
     "Found no NVIDIA driver": "no CUDA driver on the node",
     "no CUDA GPUs are available": "no CUDA device visible to the trial",
