@@ -125,6 +125,31 @@ def constraint_effect(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def hinge_activity(trials: pd.DataFrame) -> list[str]:
+    """Per cvaegan setting, how often its hinge passed gradient before the final evaluation
+    (final_constraint_active: mean and range over seeds), so a reader sees whether cvaegan was
+    VAE-GAN (always on), a VAE (always off) or constrained."""
+    done = finished(trials)
+    constrained = done[done["model"] == "cvaegan"]
+    if "final_constraint_active" not in constrained or constrained.empty:
+        return []
+    settings = [s for s in varying_config(done) if constrained[s].nunique(dropna=False) > 1]
+    groups = constrained.groupby(settings, dropna=False) if settings else [((), constrained)]
+    lines = []
+    for keys, group in groups:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        share = group["final_constraint_active"].dropna()
+        if share.empty:
+            continue
+        where = f"At {_setting(settings, keys)}, the" if settings else "The"
+        lines.append(
+            f"- {where} hinge passed gradient (L_gan > d) in {share.mean():.0%} of the steps "
+            f"before the final evaluation ({share.min():.0%} to {share.max():.0%} over "
+            f"{len(share)} seeds): always on is VAE-GAN with λ on its GAN term, always off a VAE."
+        )
+    return lines
+
+
 def fig8_claim(effect: pd.DataFrame) -> list[str]:
     """The paper's Fig. 8 claim, tested in words per setting from `constraint_effect` rows."""
     rows = effect[effect["metric"] == "low_entropy_share"] if not effect.empty else effect

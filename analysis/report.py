@@ -222,6 +222,8 @@ def _constraint_section(report: Report, trials: pd.DataFrame) -> list[str]:
         "(low_entropy_share: share of images below "
         f"{tables.LOW_ENTROPY_THRESHOLD:g} nats, higher taken as better as in the paper).",
         "",
+        *constraint.hinge_activity(trials),
+        "",
         *_markdown_table(shown),
         "",
         "The paper's Fig. 8 claim, *a higher concentration of low-entropy images*:",

@@ -233,6 +233,8 @@ def test_report_of_a_grid_study(storage, tmp_path, capsys):
         assert trials[column].notna().all(), column
     assert "## Table 2: fidelity and diversity" in markdown
     assert "## Does the constraint help?" in markdown and "Fig. 8 claim" in markdown
+    # The tiny study's cvaegan has d = 0: its hinge never switches off, and the report says so.
+    assert "hinge passed gradient (L_gan > d) in 100% of the steps" in markdown
     effect = pd.read_csv(tmp_path / "constraint_effect.csv")
     assert set(effect["metric"]) >= {"mode_entropy", "precision", "low_entropy_share"}
     assert (effect["seeds"] == "2 vs 2").all()

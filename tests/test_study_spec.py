@@ -114,7 +114,7 @@ def test_quick_and_paper_studies_cover_all_five_models():
     for name in ("quick", "paper"):
         spec = load_study(STUDIES / f"{name}.yaml")
         assert set(spec.models) == {"gan", "wgan", "vae", "vaegan", "cvaegan"}
-    assert load_study(STUDIES / "quick.yaml").trial_count == 10
+    assert load_study(STUDIES / "quick.yaml").trial_count == 15
     assert load_study(STUDIES / "paper.yaml").trial_count == 25
 
 
