@@ -19,7 +19,7 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
     """Run one trial under Ray Tune, resuming from the trial's checkpoint after a failure."""
     config = TrialConfig.from_dict(params).validate()
     device = resolve_device(config.device)
-    evaluator = Evaluator.from_state(evaluator_state, device=device)
+    evaluator = _cached_evaluator(evaluator_state, device)
     context = {
         "device_used": str(device),
         "node": socket.gethostname(),
@@ -53,6 +53,19 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
     except Diverged as error:
         # Not retried: the same config and seed would diverge again at the same iteration.
         tune.report({**context, "diverged_at": error.iteration, "diverged_error": str(error)})
+
+
+_EVALUATORS: dict[tuple[str, str], Evaluator] = {}
+
+
+def _cached_evaluator(state: dict[str, Any], device: torch.device) -> Evaluator:
+    """One evaluator per worker process and device: Tune reuses a worker for trial after trial,
+    and rebuilding the classifier took 45 ms of each 0.35 s trial of a study of tiny trials.
+    Measuring does not change an evaluator, so trials can share it."""
+    key = (str(state["key"]), str(device))
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = Evaluator.from_state(state, device=device)
+    return _EVALUATORS[key]
 
 
 def _quiet(_line: str) -> None:
