@@ -24,6 +24,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -33,6 +34,7 @@ from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
 from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
+from gvae.study.replicates import SeedReplicates
 from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.spec import Range, StudySpec, parse_study, read_yaml
 from gvae.study.trainable import train_trial
@@ -293,12 +295,8 @@ def _new_tuner(
             tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
         )
         param_space.update({key: _domain(value) for key, value in spec.space.items()})
-        tune_config["search_alg"] = OptunaSearch(
-            metric=[o.metric for o in spec.objectives],
-            mode=[o.mode for o in spec.objectives],
-            seed=0,
-        )
-        tune_config["num_samples"] = spec.trials
+        tune_config["search_alg"] = _optuna_search(spec)
+        tune_config["num_samples"] = spec.trial_count
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=uri,
@@ -314,6 +312,18 @@ def _new_tuner(
         tune_config=tune.TuneConfig(**tune_config),
         run_config=run_config,
     )
+
+
+def _optuna_search(spec: StudySpec) -> Searcher:
+    """Optuna over the study's space; with replicates, each suggestion runs on several seeds."""
+    search: Searcher = OptunaSearch(
+        metric=[o.metric for o in spec.objectives],
+        mode=[o.mode for o in spec.objectives],
+        seed=0,
+    )
+    if spec.replicates > 1:
+        search = SeedReplicates(search, spec.replicates, base_seed=spec.fixed.get("seed", 0))
+    return search
 
 
 def _domain(value: Range | list[Any]) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 from ray.tune import Callback
 
 from gvae.config import TrialConfig
+from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
@@ -161,7 +162,7 @@ class ParquetRecorder(Callback):
             row = {
                 "study": self.study,
                 "trial_id": trial_id,
-                **TrialConfig.from_dict(trial.config).resolved().to_dict(),
+                **_trial_config(trial.config),
                 "status": "pending",
                 "error": None,
                 "diverged_at": None,
@@ -211,6 +212,15 @@ def _is_summary(key: str) -> bool:
         return True
     derived = (*SUMMARY_METRICS, "class_histogram")
     return key.startswith("final_") and (key[6:] in derived or key.endswith("_loss"))
+
+
+def _trial_config(params: dict[str, Any]) -> dict[str, Any]:
+    """The resolved trial fields, and the suggestion a seed replicate belongs to (else None)."""
+    fields = {key: value for key, value in params.items() if key != SUGGESTION}
+    return {
+        **TrialConfig.from_dict(fields).resolved().to_dict(),
+        SUGGESTION: params.get(SUGGESTION),
+    }
 
 
 def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
