@@ -228,7 +228,8 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
         objective, params = ("mode_entropy", "max"), ("model", *spec.grid)
     else:
         first = spec.objectives[0]
-        objective, params = (first.metric, first.mode), ("model", *spec.space)
+        seeds = ("seed",) if spec.replicates > 1 else ()  # the searcher gives each replicate one
+        objective, params = (first.metric, first.mode), ("model", *spec.space, *seeds)
     return ConsoleProgress(spec.trial_count, objective=objective, params=params)
 
 
