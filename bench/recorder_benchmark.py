@@ -91,7 +91,7 @@ def trial_events(
 def bench(trials: int, evaluations: int, arrays: dict[str, Any], root: Path) -> str:
     store = ResultsStore(str(root / f"n{trials}"))
     recorder = ParquetRecorder(store, "bench", {"gvae_version": "bench"})
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     first: list[float] = []
     last: list[float] = []
     for index in range(trials):
@@ -102,12 +102,13 @@ def bench(trials: int, evaluations: int, arrays: dict[str, Any], root: Path) -> 
             first, first_bytes = times, store.bytes_written - before
         last, last_bytes = times, store.bytes_written - before
     events_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
     tick = time.perf_counter()
     recorder.on_experiment_end(trials=[])
     compact_s = time.perf_counter() - tick
     count = trials * (evaluations + 2)
     return (
-        f"{trials:>7} {count:>9} {1e3 * events_s / count:>10.2f} "
+        f"{trials:>7} {count:>9} {1e3 * events_s / count:>10.2f} {1e3 * cpu_s / count:>8.2f} "
         f"{1e3 * statistics.median(first):>10.2f} {1e3 * statistics.median(last):>10.2f} "
         f"{1e3 * max(last):>9.2f} {first_bytes / len(first) / 1e3:>9.1f} "
         f"{last_bytes / len(last) / 1e3:>9.1f} {events_s:>9.1f} {compact_s:>9.1f}"
@@ -115,8 +116,9 @@ def bench(trials: int, evaluations: int, arrays: dict[str, Any], root: Path) -> 
 
 
 HEADER = (
-    f"{'trials':>7} {'events':>9} {'ms/event':>10} {'first med':>10} {'last med':>10} "
-    f"{'last max':>9} {'kB/ev 1st':>9} {'kB/ev last':>9} {'events s':>9} {'compact s':>9}"
+    f"{'trials':>7} {'events':>9} {'ms/event':>10} {'cpu ms':>8} {'first med':>10} "
+    f"{'last med':>10} {'last max':>9} {'kB/ev 1st':>9} {'kB/ev last':>9} {'events s':>9} "
+    f"{'compact s':>9}"
 )
 
 

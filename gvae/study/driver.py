@@ -262,6 +262,10 @@ def _quiet_tune_logs(verbose: bool) -> None:
     """
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # Tune's newer output engine always prints its header and adds a reporter of its own;
+        # the plain one prints nothing at verbosity 0, leaving the console to ConsoleProgress.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
 def _leave_job_working_dir() -> None:
@@ -280,7 +284,8 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
         objective, params = ("mode_entropy", "max"), ("model", *spec.grid)
     else:
         first = spec.objectives[0]
-        objective, params = (first.metric, first.mode), ("model", *spec.space)
+        seeds = ("seed",) if spec.replicates > 1 else ()  # the searcher gives each replicate one
+        objective, params = (first.metric, first.mode), ("model", *spec.space, *seeds)
     return ConsoleProgress(spec.trial_count, objective=objective, params=params)
 
 

@@ -15,24 +15,18 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ray.tune.experimental.output import AirVerbosity
-from ray.tune.experimental.output import ProgressReporter as TuneProgressReporter
+from ray.tune import Callback
 
 ERASE = "\r\x1b[K"
 SHOWN_METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
 
 
-class ConsoleProgress(TuneProgressReporter):
+class ConsoleProgress(Callback):
     """A Tune callback printing a readable account of the study (see the module docstring).
 
-    A subclass of Tune's own progress reporter: Tune hands the start of the experiment and its
-    heartbeats to the first such reporter among the callbacks, so its tables stay unprinted.
+    Tune's own output is off meanwhile (the driver runs Tune's plain output engine at verbosity
+    0, which prints nothing).
     """
-
-    # Tune's base class prints per-trial tables from these verbosities on: never, here.
-    _heartbeat_threshold = AirVerbosity.VERBOSE
-    _start_end_verbosity = AirVerbosity.VERBOSE
-    _intermediate_result_verbosity = AirVerbosity.VERBOSE
 
     def __init__(
         self,
@@ -43,7 +37,6 @@ class ConsoleProgress(TuneProgressReporter):
         log_every: float = 60.0,
         redraw_every: float = 0.5,
     ) -> None:
-        super().__init__(AirVerbosity.SILENT)
         self.total = total
         self.metric, self.mode = objective
         self.params = params
@@ -78,12 +71,6 @@ class ConsoleProgress(TuneProgressReporter):
         self.final = {}  # restored trials that ended before show as TERMINATED or ERROR
         self.counts = {}
 
-    def experiment_started(self, *args: Any, **kwargs: Any) -> None:
-        """Tune's header table: the progress line says what matters."""
-
-    def print_heartbeat(self, trials: list, *args: Any, force: bool = False) -> None:
-        """Tune's periodic status table: drawn by `on_step_end` instead."""
-
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
         if "diverged_at" in result:
             self.diverged.add(trial.trial_id)
@@ -100,6 +87,13 @@ class ConsoleProgress(TuneProgressReporter):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_line(trials, trial, "failed")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = _last_line(trial.get_error())
+        line = f"{self._counter()} retrying {self._describe(trial)}  {error}"
+        self._emit(f"{line} (failure {trial.num_failures})", keep=True)
+        if self.tty:
+            self._emit(self.progress_line(), keep=False)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self.last_drawn >= self.log_every:
@@ -140,8 +134,7 @@ class ConsoleProgress(TuneProgressReporter):
         if status == "diverged":
             metrics = f"losses not finite at iteration {result.get('diverged_at')}"
         elif status == "failed":
-            error = str(trial.get_error() or "").strip().splitlines()
-            metrics = error[-1] if error else "error"
+            metrics = _last_line(trial.get_error())
         seconds = result.get("time_total_s")
         took = f"  {seconds:.1f} s" if seconds is not None else ""
         line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"
@@ -201,6 +194,12 @@ class ConsoleProgress(TuneProgressReporter):
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _last_line(error: Any) -> str:
+    """The exception and its message: the last line of a traceback."""
+    lines = [line for line in str(error or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "error"
 
 
 def _ended_status(trial: Any) -> str:

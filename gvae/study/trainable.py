@@ -22,7 +22,7 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
     params = {key: value for key, value in params.items() if key != SUGGESTION}
     config = TrialConfig.from_dict(params).validate()
     device = resolve_device(config.device)
-    evaluator = Evaluator.from_state(evaluator_state, device=device)
+    evaluator = _cached_evaluator(evaluator_state, device)
     context = {
         "device_used": str(device),
         "node": socket.gethostname(),
@@ -95,6 +95,19 @@ def permanent_failure(error: BaseException) -> str | None:
         if marker in str(error):
             return f"not retried ({what}): {last}"
     return None
+
+
+_EVALUATORS: dict[tuple[str, str], Evaluator] = {}
+
+
+def _cached_evaluator(state: dict[str, Any], device: torch.device) -> Evaluator:
+    """One evaluator per worker process and device: Tune reuses a worker for trial after trial,
+    and rebuilding the classifier took 45 ms of each 0.35 s trial of a study of tiny trials.
+    Measuring does not change an evaluator, so trials can share it."""
+    key = (str(state["key"]), str(device))
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = Evaluator.from_state(state, device=device)
+    return _EVALUATORS[key]
 
 
 def _quiet(_line: str) -> None:
