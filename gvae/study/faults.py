@@ -62,7 +62,8 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             ) from None
         if "://" not in uri:
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        lines = str(error).strip().splitlines()
+        first = lines[0].rstrip(".") if lines else repr(error)
         raise GvaeError(
             f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
