@@ -86,6 +86,8 @@ class _HideTuneHints(logging.Filter):
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] and is_full(record.exc_info[1]):
             return False  # a full disk: gvae's own line names the path and the fix
+        if "No space left on device" in message:
+            return False
         return not any(hidden in message for hidden in self.HIDDEN)
 
 
@@ -93,6 +95,7 @@ def hide_tune_hints() -> None:
     for name in (
         "ray.tune.tune",
         "ray.tune.execution.tune_controller",  # a trial's traceback when storage is full
+        "ray.train._internal.syncer",  # and a failed upload of Tune's state
         "ray.tune.analysis.experiment_analysis",
         "ray.tune.search.search_generator",
     ):
