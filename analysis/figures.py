@@ -199,3 +199,46 @@ def _log_scale(axes: Axes, which: str) -> None:
     axis = axes.xaxis if which == "x" else axes.yaxis
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
+
+
+def suggestion_front_figure(means: pd.DataFrame, objectives: Mapping[str, str]) -> Figure:
+    """Each suggestion's seed mean with its 95% interval in both objectives, the front in red."""
+    x, y = list(objectives)[:2]
+    front = pareto_front(means.dropna(subset=[x, y]), {x: objectives[x], y: objectives[y]})
+    figure = Figure(figsize=(6, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for rows, color, label in ((means, "tab:gray", "suggestions"), (front, "tab:red", "front")):
+        axes.errorbar(
+            rows[x],
+            rows[y],
+            xerr=rows.get(f"{x}_ci"),
+            yerr=rows.get(f"{y}_ci"),
+            fmt="o",
+            color=color,
+            ecolor=color,
+            alpha=0.8,
+            capsize=2,
+            label=f"{label} (n={len(rows)})",
+        )
+    for _, row in front.iterrows():
+        name = str(row["suggestion"]).rsplit("_", 1)[-1]
+        axes.annotate(name, (row[x], row[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    axes.set(
+        xlabel=f"{x.removeprefix('final_')}, mean over seeds",
+        ylabel=f"{y.removeprefix('final_')}, mean over seeds",
+    )
+    axes.set_title("Suggestions: seed means and 95% intervals")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def best_so_far_figure(best: pd.DataFrame) -> Figure:
+    """The best seed mean of each objective against the number of suggestions tried."""
+    columns = [c for c in best.columns if c.startswith("best_")]
+    figure = Figure(figsize=(5 * len(columns), 3.6), layout="constrained")
+    for index, column in enumerate(columns):
+        axes = figure.add_subplot(1, len(columns), index + 1)
+        axes.step(best["suggestions"], best[column], where="post", color="tab:purple")
+        axes.plot(best["suggestions"], best[column], "o", color="tab:purple", markersize=3)
+        axes.set(xlabel="suggestions tried", ylabel=column.replace("best_final_", "best "))
+    return figure

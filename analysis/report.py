@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import figures, tables
+from analysis import figures, suggestions, tables
 from analysis.load import Study
 from gvae.study.spec import Range
 
@@ -156,25 +156,29 @@ def _number(value: float, digits: int = 3) -> str:
 
 
 def _optuna_section(report: Report, study: Study) -> list[str]:
+    """Optuna's view of the study: each suggestion is the mean of its seed replicates."""
     objectives = tables.objective_columns(study.spec.objectives)
-    lines = ["## Optuna search", ""]
-    best = tables.best_trials(study.trials, objectives)
-    searched = [key for key in study.spec.space if key in best]
-    columns = ["trial_id", "model", *searched, "seed", *objectives]
-    best = best[list(dict.fromkeys(columns))]
-    _csv(report, "best_trials.csv", best)
-    title = "Pareto front" if len(objectives) > 1 else "Best trials"
-    lines += [
-        f"{title} of the finished trials ({', '.join(f'{c} {m}' for c, m in objectives.items())}):",
+    searched = [key for key in study.spec.space if key in study.trials]
+    means = suggestions.suggestion_means(study.trials, objectives, searched)
+    best = suggestions.pareto_of_means(means, objectives)
+    _csv(report, "best_suggestions.csv", best)
+    title = "Pareto front" if len(objectives) > 1 else "Best suggestions"
+    wanted = ", ".join(f"{c} {m}" for c, m in objectives.items())
+    lines = [
+        "## Optuna search",
         "",
-        *_markdown_table(best, digits=4),
+        f"{title} of the suggestions ({wanted}), each the mean over its seeds ± the 95% "
+        f"t-interval (replicates: {study.spec.replicates}; an interval needs two seeds):",
         "",
-        "Data: [best_trials.csv](best_trials.csv).",
+        *_markdown_table(_with_intervals(best, objectives), digits=4),
+        "",
+        "Data: [best_suggestions.csv](best_suggestions.csv).",
         "",
     ]
-    lines += _figure(
-        report, "pareto_front.png", figures.pareto_figure(study.trials, objectives), title
-    )
+    if len(objectives) > 1:
+        figure = figures.suggestion_front_figure(means, objectives)
+        lines += _figure(report, "pareto_front.png", figure, title)
+    lines += _search_progress(report, study, means, objectives)
     axes = _landscape_axes(study)
     if axes:
         x, y = axes
@@ -183,6 +187,37 @@ def _optuna_section(report: Report, study: Study) -> list[str]:
         )
         lines += _figure(report, "landscape.png", figure, f"Objectives over {x} and {y or 'it'}")
     return lines
+
+
+def _with_intervals(best: pd.DataFrame, objectives: dict[str, str]) -> pd.DataFrame:
+    """The best suggestions with each objective as one 'mean ± half-width' cell."""
+    shown = best.drop(columns=[f"{c}_ci" for c in objectives if f"{c}_ci" in best])
+    for column in objectives:
+        renamed = best.rename(columns={column: f"{column}_mean", f"{column}_ci": f"{column}_ci95"})
+        shown[column] = _with_ci(renamed, column)
+    return shown
+
+
+def _search_progress(
+    report: Report, study: Study, means: pd.DataFrame, objectives: dict[str, str]
+) -> list[str]:
+    """The best value against the number of suggestions, and the parameters' importances."""
+    best = suggestions.best_so_far(means, objectives)
+    _csv(report, "best_so_far.csv", best)
+    lines = _figure(report, "best_so_far.png", figures.best_so_far_figure(best), "Best mean so far")
+    importances = suggestions.importances(means, objectives, study.spec.space)
+    if importances.empty:
+        return [*lines, "Parameter importances need two or more finished suggestions.", ""]
+    table = importances.rename_axis("parameter").reset_index()
+    _csv(report, "importances.csv", table)
+    return [
+        *lines,
+        "Parameter importances (Optuna's default evaluator, over the suggestion means; each "
+        "column sums to 1):",
+        "",
+        *_markdown_table(table),
+        "",
+    ]
 
 
 def _landscape_axes(study: Study) -> tuple[str, str | None] | None:

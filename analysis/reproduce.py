@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import tables
+from analysis import suggestions, tables
 from analysis.load import Study
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
@@ -79,16 +79,36 @@ def choose_trial(trials: pd.DataFrame, spec: Any) -> tuple[str, str]:
             [column, "trial_id"], ascending=[mode == "min", True]
         )
         return str(best["trial_id"].iloc[0]), f"the best by the objective {column} {mode}"
-    front = tables.pareto_front(done, objectives)
-    distance = np.zeros(len(front))
-    for column, mode in objectives.items():
-        low, high = done[column].min(), done[column].max()
-        scaled = (front[column] - low) / (high - low) if high > low else front[column] * 0 + 1
-        distance += ((1 - scaled) if mode == "max" else scaled).to_numpy() ** 2
-    chosen = front.assign(_distance=distance).sort_values(["_distance", "trial_id"])
+    front = tables.pareto_front(done, objectives).sort_values("trial_id", kind="stable")
+    chosen = front.iloc[suggestions.ideal_corner_choice(front, done, objectives)]
     wanted = ", ".join(f"{c.removeprefix('final_')} {m}" for c, m in objectives.items())
     reason = f"the Pareto-front trial nearest the ideal corner of ({wanted}), each scaled to [0, 1]"
-    return str(chosen["trial_id"].iloc[0]), reason
+    return str(chosen["trial_id"]), reason
+
+
+def choose_suggestion(trials: pd.DataFrame, spec: Any) -> tuple[list[str], str]:
+    """(trial ids, why) of the seed runs of the best suggestion of a study with replicates.
+
+    Chosen as `choose_trial` chooses a trial, on the suggestion means (what Optuna was told).
+    """
+    objectives = tables.objective_columns(spec.objectives)
+    searched = list(spec.space)
+    means = suggestions.suggestion_means(trials, objectives, searched)
+    if means.empty:
+        raise GvaeError("trial: the study has no finished trial to reproduce")
+    front = suggestions.pareto_of_means(means, objectives).sort_values(
+        suggestions.SUGGESTION, kind="stable"
+    )
+    if len(objectives) == 1:
+        ((column, mode),) = objectives.items()
+        best = front.sort_values([column, suggestions.SUGGESTION], ascending=[mode == "min", True])
+        chosen = best.iloc[0]
+        reason = f"the best suggestion by the mean of {column} {mode} over its seeds"
+    else:
+        chosen = front.iloc[suggestions.ideal_corner_choice(front, means, objectives)]
+        reason = "the Pareto-front suggestion (seed means) nearest the ideal corner"
+    seeds = suggestions.seeds_of(trials, str(chosen[suggestions.SUGGESTION]))
+    return [str(t) for t in seeds["trial_id"]], f"{reason}: suggestion {chosen['suggestion']}"
 
 
 def find_trial(trials: pd.DataFrame, trial_id: str) -> dict[str, Any]:
@@ -135,6 +155,7 @@ def reproduce(
     trial_id: str | None = None,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    reason: str | None = None,
 ) -> Reproduction:
     """Re-run a trial of `study` (default: `choose_trial`) in this process and compare."""
     import torch
@@ -143,8 +164,7 @@ def reproduce(
 
     if trial_id is None:
         trial_id, reason = choose_trial(study.trials, study.spec)
-    else:
-        reason = "chosen with --trial"
+    reason = reason or "chosen by id"
     row = find_trial(study.trials, trial_id)
     recorded_device = str(row.get("device_used") or "cpu")
     config = trial_config(row, device or default_device(recorded_device))

@@ -191,13 +191,26 @@ def test_report_lists_the_diverged_trial(storage, tmp_path, capsys):
 
 def test_report_of_an_optuna_study(storage, tmp_path, capsys):
     markdown = write_report(storage, "optuna", tmp_path, capsys)
-    assert_files(tmp_path, ["pareto_front.png", "landscape.png", "best_trials.csv", "table1.csv"])
+    files = ["pareto_front.png", "landscape.png", "best_suggestions.csv", "best_so_far.png"]
+    assert_files(tmp_path, [*files, "importances.csv", "table1.csv"])
     trials = load_study("optuna", str(storage)).trials
-    best = pd.read_csv(tmp_path / "best_trials.csv")
+    assert (
+        len(trials) == 6
+        and trials.groupby("suggestion").seed.apply(sorted).map(lambda seeds: seeds == [0, 1]).all()
+    )
+    best = pd.read_csv(tmp_path / "best_suggestions.csv")
     objectives = {"final_mode_entropy": "max", "final_mean_image_entropy": "min"}
-    front = tables.pareto_front(trials[trials["status"] == "finished"], objectives)
-    assert list(best["trial_id"]) == list(front["trial_id"])
-    assert {"lam", "d", "seed", *objectives} <= set(best.columns)
+    done = trials[trials["status"] == "finished"]
+    means = done.groupby("suggestion")[list(objectives)].mean().reset_index()
+    front = tables.pareto_front(means, objectives)
+    assert sorted(best["suggestion"]) == sorted(front["suggestion"])
+    for column in objectives:
+        expected = means.set_index("suggestion").loc[best["suggestion"], column]
+        assert list(best[column]) == pytest.approx(list(expected))
+    assert {"lam", "d", "seeds", "n", *objectives, "final_mode_entropy_ci"} <= set(best.columns)
+    importances = pd.read_csv(tmp_path / "importances.csv").set_index("parameter")
+    assert set(importances.index) == {"lam", "d"}
+    assert importances.sum().to_numpy() == pytest.approx([1.0, 1.0])
     assert "## Optuna search" in markdown and "Pareto front" in markdown
 
 

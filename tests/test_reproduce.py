@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import load_study
-from analysis.reproduce import choose_trial, comparison_table, find_trial
+from analysis.reproduce import choose_suggestion, choose_trial, comparison_table, find_trial
 from gvae.cli import main
 from gvae.errors import GvaeError
 from gvae.study.spec import Objective
@@ -95,6 +95,18 @@ def test_reproducing_a_trial_gives_identical_metrics(storage, capsys):
     losses = [c for c in reproductions if c.startswith("reproduced_final_") and "_loss" in c]
     assert losses and all(row[c] == recorded[c.removeprefix("reproduced_")] for c in losses)
     assert row["threads"] == recorded["threads"] and row["device"] == "cpu"
+
+
+def test_reproducing_a_replicated_suggestion_reruns_each_seed(storage, capsys):
+    code = main(["reproduce", "optuna", "--storage", str(storage)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    study = load_study("optuna", str(storage))
+    ids, _ = choose_suggestion(study.trials, study.spec)
+    assert len(ids) == 2 and printed.count("identical to the recorded trial") == 2
+    reproductions = pd.read_parquet(storage / "optuna" / "reproductions.parquet")
+    assert sorted(reproductions["trial_id"].tail(2)) == sorted(ids)
+    assert reproductions["identical"].tail(2).all()
 
 
 def test_a_different_result_on_the_same_device_fails(storage, tmp_path, capsys):

@@ -109,6 +109,25 @@ def test_optuna_study_searches_two_objectives(cluster, tmp_path):
     assert len(curves) == 6
 
 
+def test_optuna_replicates_train_each_suggestion_on_seeds(cluster, tmp_path):
+    search = {
+        "optuna": {
+            "trials": 2,
+            "replicates": 2,
+            "objectives": {"mode_entropy": "max"},
+            "space": {"lam": {"low": 0.1, "high": 10.0, "log": True}},
+        }
+    }
+    study = write_study(tmp_path, "reps", models=["cvaegan"], search=search)
+    run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    trials, _ = tables(tmp_path / "r", "reps")
+    assert len(trials) == 4 and set(trials.status) == {"finished"}
+    by_suggestion = trials.groupby("suggestion")
+    assert by_suggestion.ngroups == 2
+    assert all(sorted(group.seed) == [0, 1] for _, group in by_suggestion)
+    assert (by_suggestion.lam.nunique() == 1).all() and trials.lam.nunique() == 2
+
+
 def test_a_trial_that_cannot_be_allocated_fails_at_once_while_the_rest_finish(cluster, tmp_path):
     # 30M images of 784 float32 pixels: a 94 GB batch, more than this machine has (24 GiB).
     study = write_study(

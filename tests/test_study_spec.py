@@ -26,7 +26,8 @@ OPTUNA = {
         "optuna": {
             "trials": 4,
             "objectives": {"mode_entropy": "max", "mean_image_entropy": "min"},
-            "space": {"lam": {"low": 0.1, "high": 10.0, "log": True}, "seed": [0, 1]},
+            "space": {"lam": {"low": 0.1, "high": 10.0, "log": True}, "d": [0.0, 1.0]},
+            "replicates": 2,
         }
     },
 }
@@ -69,6 +70,9 @@ BAD = [
     (OPTUNA, "search.optuna.objectives", {"fid": "min"}, "search.optuna.objectives.fid"),
     (OPTUNA, "search.optuna.objectives", {"mode_entropy": "up"}, "objectives.mode_entropy"),
     (OPTUNA, "search.optuna.trials", 0, "search.optuna.trials"),
+    (OPTUNA, "search.optuna.space.seed", [0, 1], "search.optuna.space.seed"),
+    (OPTUNA, "search.optuna.replicates", 0, "search.optuna.replicates"),
+    (OPTUNA, "search.optuna.replicates", 1.5, "search.optuna.replicates"),
 ]
 
 
@@ -124,6 +128,7 @@ def test_grid_and_optuna_parse():
     ]
     optuna = parse_study(OPTUNA)
     assert optuna.space["lam"] == Range(0.1, 10.0, log=True)
+    assert (optuna.trials, optuna.replicates, optuna.trial_count) == (4, 2, 8)
     assert [(o.metric, o.mode) for o in optuna.objectives] == [
         ("mode_entropy", "max"),
         ("mean_image_entropy", "min"),

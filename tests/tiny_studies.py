@@ -26,7 +26,8 @@ STUDIES = {
     "optuna": """models: [cvaegan]
 search:
   optuna:
-    trials: 4
+    trials: 3
+    replicates: 2
     objectives: {mode_entropy: max, mean_image_entropy: min}
     space: {lam: {low: 0.1, high: 10.0, log: true}, d: {low: 0.0, high: 1.0}}
 """,

@@ -15,11 +15,17 @@ def add_parser(subparsers: Any) -> None:
         "and print recorded against reproduced metrics; the re-run is appended to "
         "reproductions.parquet in the study folder. Default trial: grid studies, the highest final "
         "mode_entropy; Optuna, the best by its objective, or with two objectives the Pareto-front "
-        "trial nearest the ideal corner. Exit status 1 when a re-run on the recorded device "
-        "differs.",
+        "trial nearest the ideal corner; with seed replicates, every seed of the best suggestion "
+        "(by its seed means). Exit status 1 when a re-run on the recorded device differs.",
     )
     parser.add_argument("name", help="study name (its folder under --storage)")
-    parser.add_argument("--trial", default=None, help="trial id, or its ending such as 00003")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--trial", default=None, help="trial id, or its ending such as 00003")
+    which.add_argument(
+        "--suggestion",
+        default=None,
+        help="re-run every seed of this Optuna suggestion (its id, or its ending such as 00003)",
+    )
     parser.add_argument("--storage", default="results", help="results folder or URI")
     parser.add_argument(
         "--device",
@@ -31,10 +37,40 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis import load_study
-    from analysis.reproduce import record, reproduce
 
     study = load_study(args.name, args.storage)
-    result = reproduce(study, trial_id=args.trial, device=args.device, log=_log)
+    worst = 0
+    for trial_id, reason in _chosen_trials(study, args):
+        worst = max(worst, _reproduce_one(study, trial_id, reason, args.device))
+    return worst
+
+
+def _chosen_trials(study: Any, args: argparse.Namespace) -> list[tuple[str | None, str | None]]:
+    """(trial id, why) of each re-run; (None, None) lets `reproduce` choose one trial."""
+    from analysis.reproduce import choose_suggestion
+    from analysis.suggestions import seeds_of
+    from gvae.errors import GvaeError
+
+    if args.trial:
+        return [(args.trial, "chosen with --trial")]
+    if args.suggestion:
+        seeds = seeds_of(study.trials, args.suggestion)
+        if seeds.empty:
+            raise GvaeError(
+                f"--suggestion: no finished trial of suggestion {args.suggestion!r}; pick one "
+                "from best_suggestions.csv of `gvae report`"
+            )
+        return [(str(t), f"seed run of suggestion {args.suggestion}") for t in seeds.trial_id]
+    if study.spec.search_type == "optuna" and study.spec.replicates > 1:
+        ids, reason = choose_suggestion(study.trials, study.spec)
+        return [(trial_id, reason) for trial_id in ids]
+    return [(None, None)]
+
+
+def _reproduce_one(study: Any, trial_id: str | None, reason: str | None, device: str | None) -> int:
+    from analysis.reproduce import record, reproduce
+
+    result = reproduce(study, trial_id=trial_id, device=device, log=_log, reason=reason)
     print(
         f"device: {result.device} (recorded: {result.recorded_device}), torch threads: "
         f"{result.threads}"

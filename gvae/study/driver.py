@@ -24,6 +24,7 @@ import yaml
 from ray import tune
 from ray.tune.error import TuneError
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from gvae.data import load_dataset
@@ -33,6 +34,7 @@ from gvae.io import atomic_local_filesystem
 from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.recorder import ParquetRecorder
+from gvae.study.replicates import SeedReplicates
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.searcher import DivergenceTolerantASHA, make_tolerant, tolerant_search
@@ -265,14 +267,11 @@ def _new_tuner(
             tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
         )
         param_space.update({key: _domain(value) for key, value in spec.space.items()})
-        optuna = OptunaSearch(
-            metric=[o.metric for o in spec.objectives],
-            mode=[o.mode for o in spec.objectives],
-            seed=0,
-        )
-        tune_config["search_alg"] = tolerant_search(optuna, spec.concurrency or None)
-        tune_config["max_concurrent_trials"] = None  # limited inside the searcher
-        tune_config["num_samples"] = spec.trials
+        # Diverged trials tolerated outermost, so the replicates and Optuna inside see them as
+        # failed; the concurrency limit sits inside too (see tolerant_search).
+        tune_config["search_alg"] = tolerant_search(_optuna_search(spec), spec.concurrency or None)
+        tune_config["max_concurrent_trials"] = None
+        tune_config["num_samples"] = spec.trial_count
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=store.root,
@@ -289,6 +288,18 @@ def _new_tuner(
         tune_config=tune.TuneConfig(**tune_config),
         run_config=run_config,
     )
+
+
+def _optuna_search(spec: StudySpec) -> Searcher:
+    """Optuna over the study's space; with replicates, each suggestion runs on several seeds."""
+    search: Searcher = OptunaSearch(
+        metric=[o.metric for o in spec.objectives],
+        mode=[o.mode for o in spec.objectives],
+        seed=0,
+    )
+    if spec.replicates > 1:
+        search = SeedReplicates(search, spec.replicates, base_seed=spec.fixed.get("seed", 0))
+    return search
 
 
 def _domain(value: Range | list[Any]) -> Any:

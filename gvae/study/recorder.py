@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from gvae.config import TrialConfig
+from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, ResultsStore
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
@@ -133,7 +134,7 @@ class ParquetRecorder(Callback):
             self.trials[trial.trial_id] = {
                 "study": self.study,
                 "trial_id": trial.trial_id,
-                **TrialConfig.from_dict(trial.config).resolved().to_dict(),
+                **_trial_config(trial.config),
                 "status": "pending",
                 "error": None,
                 "diverged_at": None,
@@ -160,6 +161,15 @@ class ParquetRecorder(Callback):
             by_trial.setdefault(point["trial_id"], []).append(point)
         rows = [_with_summary(r, by_trial.get(r["trial_id"], [])) for r in self.trials.values()]
         self.store.write(TRIALS, rows)
+
+
+def _trial_config(params: dict[str, Any]) -> dict[str, Any]:
+    """The resolved trial fields, and the suggestion a seed replicate belongs to (else None)."""
+    fields = {key: value for key, value in params.items() if key != SUGGESTION}
+    return {
+        **TrialConfig.from_dict(fields).resolved().to_dict(),
+        SUGGESTION: params.get(SUGGESTION),
+    }
 
 
 def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:

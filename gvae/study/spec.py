@@ -79,8 +79,9 @@ class StudySpec:
     search_type: str  # "grid" or "optuna"
     grid: dict[str, list[Any]] = field(default_factory=dict)
     space: dict[str, Range | list[Any]] = field(default_factory=dict)
-    trials: int = 1
+    trials: int = 1  # Optuna suggestions
     objectives: tuple[Objective, ...] = ()
+    replicates: int = 1  # seeds each Optuna suggestion is trained on
     cpus: float = 1.0
     gpus: float = 0.0
     concurrency: int = 0  # 0: as many as the resources allow
@@ -107,7 +108,9 @@ class StudySpec:
 
     @property
     def trial_count(self) -> int:
-        return len(self.grid_trials()) if self.search_type == "grid" else self.trials
+        if self.search_type == "grid":
+            return len(self.grid_trials())
+        return self.trials * self.replicates
 
 
 class _Loader(yaml.SafeLoader):
@@ -153,7 +156,7 @@ def parse_study(data: Any) -> StudySpec:
         raise GvaeError("name: must be a plain folder name; use letters, digits, - or _")
     models = tuple(_models(data["models"]))
     fixed = _fixed(data.get("fixed") or {})
-    search_type, grid, space, trials, objectives = _search(data["search"])
+    search_type, grid, space, trials, objectives, replicates = _search(data["search"])
     resources = data.get("resources") or {}
     _require_mapping(resources, "resources")
     _reject_unknown(resources, {"cpus", "gpus"}, "resources.")
@@ -169,6 +172,7 @@ def parse_study(data: Any) -> StudySpec:
         grid=grid,
         space=space,
         trials=trials,
+        replicates=replicates,
         objectives=objectives,
         cpus=_positive(resources, "cpus", 1.0, "resources.", allow_zero=False),
         gpus=_positive(resources, "gpus", 0.0, "resources."),
@@ -235,7 +239,7 @@ def _fixed(fixed: Any) -> dict[str, Any]:
     return dict(fixed)
 
 
-def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...]]:
+def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...], int]:
     _require_mapping(search, "search")
     _reject_unknown(search, {"grid", "optuna"}, "search.")
     if len(search) != 1:
@@ -247,22 +251,31 @@ def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...]]:
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise GvaeError(f"search.grid.{key}: expected a non-empty list of values")
-        return "grid", dict(grid), {}, 1, ()
+        return "grid", dict(grid), {}, 1, (), 1
     optuna = search["optuna"]
     _require_mapping(optuna, "search.optuna")
-    _reject_unknown(optuna, {"trials", "objectives", "space"}, "search.optuna.")
+    _reject_unknown(optuna, {"trials", "objectives", "space", "replicates"}, "search.optuna.")
     for key in ("trials", "objectives", "space"):
         if key not in optuna:
             raise GvaeError(f"search.optuna.{key}: missing; see README, Study files")
     trials = _typed(optuna, "trials", int, "search.optuna.")
     if trials <= 0:
         raise GvaeError("search.optuna.trials: must be > 0; pass the number of trials to run")
-    return "optuna", {}, _space(optuna["space"]), trials, _objectives(optuna["objectives"])
+    replicates = int(_positive(optuna, "replicates", 1, "search.optuna.", integer=True))
+    if replicates < 1:
+        raise GvaeError("search.optuna.replicates: must be >= 1; pass the seeds per suggestion")
+    space, objectives = _space(optuna["space"]), _objectives(optuna["objectives"])
+    return "optuna", {}, space, trials, objectives, replicates
 
 
 def _space(space: Any) -> dict[str, Range | list[Any]]:
     _require_mapping(space, "search.optuna.space")
     _reject_unknown(space, SEARCHABLE - {"model"}, "search.optuna.space.")
+    if "seed" in space:
+        raise GvaeError(
+            "search.optuna.space.seed: a seed is luck, not a hyperparameter; remove it and set "
+            "search.optuna.replicates: K to train each suggestion on seeds 0..K-1"
+        )
     parsed: dict[str, Range | list[Any]] = {}
     for key, value in space.items():
         prefix = f"search.optuna.space.{key}"

@@ -13,11 +13,13 @@ from ray import tune
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.evaluator import Evaluator
+from gvae.study.replicates import SUGGESTION
 from gvae.trainer import Diverged, resolve_device, run_trial
 
 
 def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None:
     """Run one trial under Ray Tune, resuming from the trial's checkpoint after a failure."""
+    params = {key: value for key, value in params.items() if key != SUGGESTION}
     config = TrialConfig.from_dict(params).validate()
     device = resolve_device(config.device)
     evaluator = Evaluator.from_state(evaluator_state, device=device)
