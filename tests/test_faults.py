@@ -50,7 +50,7 @@ def gvae(cluster: LocalRayCluster, *args: str, env: dict | None = None) -> subpr
     )
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
 
