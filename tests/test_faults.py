@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import torch
 from ray.tune.search.optuna import OptunaSearch
 
+from gvae.io import StorageFull, atomic_local_filesystem, write_parquet
 from gvae.study.trainable import permanent_failure
 from tests.raycluster import LocalRayCluster
 from tests.test_study import tables, write_study
@@ -326,3 +328,26 @@ def test_allocation_failures_are_not_retried_and_lost_workers_are():
     )
     assert permanent_failure(ConnectionError("node 10.0.0.3 died")) is None
     assert permanent_failure(OSError(28, "No space left on device")) is None  # stops the study
+
+
+def test_failed_writes_leave_the_old_file_and_no_temporary_file(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)])
+    if made.returncode != 0:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        write_parquet(mount / "t.parquet", [{"a": 1}])
+        with pytest.raises(StorageFull) as full:  # 2 MB of random bytes on a 1 MB disk
+            write_parquet(mount / "t.parquet", [{"a": 2, "b": os.urandom(2 << 20)}])
+        assert full.value.location == str(mount / "t.parquet")
+        source = tmp_path / "checkpoint.pt"
+        source.write_bytes(os.urandom(2 << 20))
+        with pytest.raises(OSError, match="No space left on device"):  # as Tune copies files
+            pafs.copy_files(
+                str(source), str(mount / "ck.pt"), destination_filesystem=atomic_local_filesystem()
+            )
+        assert sorted(p.name for p in mount.iterdir()) == ["t.parquet"]
+        assert pd.read_parquet(mount / "t.parquet").a.tolist() == [1]  # the old table, whole
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
