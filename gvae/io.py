@@ -127,7 +127,7 @@ class _AtomicFile(io.RawIOBase):
         try:
             return self.file.write(data)
         except BaseException:
-            self.failed = True
+            self._discard()  # now: the caller may never close a stream whose write failed
             raise
 
     def tell(self) -> int:
@@ -135,23 +135,31 @@ class _AtomicFile(io.RawIOBase):
 
     def flush(self) -> None:
         if not self.file.closed:  # IOBase.close() flushes after the file is closed
-            self.file.flush()
+            try:
+                self.file.flush()
+            except BaseException:
+                self._discard()
+                raise
 
     def close(self) -> None:
         if self.closed:
             return
         try:
-            self.file.close()
             if not self.failed:
+                self.file.close()
                 os.replace(self.tmp, self.path)
         except BaseException:
-            self.failed = True
+            self._discard()
             raise
         finally:
-            if self.failed:
-                with contextlib.suppress(OSError):
-                    os.remove(self.tmp)
             super().close()
+
+    def _discard(self) -> None:
+        self.failed = True
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self.tmp)
 
 
 class AtomicLocalHandler(pafs.FileSystemHandler):

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import torch
 from ray.tune.search.optuna import OptunaSearch
 
+from gvae.io import StorageFull, atomic_local_filesystem, write_parquet
 from gvae.study.trainable import permanent_failure
 from tests.raycluster import LocalRayCluster
 from tests.test_study import tables, write_study
@@ -25,7 +27,7 @@ from tests.test_study import tables, write_study
 pytestmark = pytest.mark.slow
 
 # lr 1e12 makes the VAE's loss infinite within a few steps: a trial that diverges.
-DIVERGING_SPACE = {"lr": [0.001, 1.0e12], "seed": [0, 1]}
+DIVERGING_SPACE = {"lr": [0.001, 1.0e12]}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def gvae(cluster: LocalRayCluster, *args: str, env: dict | None = None) -> subpr
     )
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
 
@@ -178,10 +180,10 @@ def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path):
 LONG = {"iterations": 400, "eval_every": 100, "concurrency": 1}
 
 
-def test_a_second_driver_is_refused_and_a_dead_drivers_lease_lapses(cluster, tmp_path):
+def test_a_second_driver_is_refused_until_the_first_is_gone(cluster, tmp_path):
     study = write_study(tmp_path, "twin", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG)
     run = ["study", "run", str(study), "--storage", str(tmp_path)]
-    first = gvae(cluster, *run, env={"GVAE_LEASE_SECONDS": "6"})
+    first = gvae(cluster, *run)
     wait_for(lambda: "running" in set(rows(tmp_path, "twin").status))
     code, output = finish(gvae(cluster, *run))
     assert code == 2, output[-2000:]
@@ -197,7 +199,7 @@ def test_a_second_driver_is_refused_and_a_dead_drivers_lease_lapses(cluster, tmp
 
     first.send_signal(signal.SIGKILL)  # dies without releasing the lease
     first.wait()
-    time.sleep(7)  # its lease lapses 6 s after the last heartbeat: no --force needed
+    # Its lease has not lapsed, but its pid is gone on this host: no --force needed.
     code, output = finish(gvae(cluster, *run))
     assert code == 0, output[-3000:]
     trials, curves = tables(tmp_path, "twin")
@@ -326,3 +328,26 @@ def test_allocation_failures_are_not_retried_and_lost_workers_are():
     )
     assert permanent_failure(ConnectionError("node 10.0.0.3 died")) is None
     assert permanent_failure(OSError(28, "No space left on device")) is None  # stops the study
+
+
+def test_failed_writes_leave_the_old_file_and_no_temporary_file(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)])
+    if made.returncode != 0:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        write_parquet(mount / "t.parquet", [{"a": 1}])
+        with pytest.raises(StorageFull) as full:  # 2 MB of random bytes on a 1 MB disk
+            write_parquet(mount / "t.parquet", [{"a": 2, "b": os.urandom(2 << 20)}])
+        assert full.value.location == str(mount / "t.parquet")
+        source = tmp_path / "checkpoint.pt"
+        source.write_bytes(os.urandom(2 << 20))
+        with pytest.raises(OSError, match="No space left on device"):  # as Tune copies files
+            pafs.copy_files(
+                str(source), str(mount / "ck.pt"), destination_filesystem=atomic_local_filesystem()
+            )
+        assert sorted(p.name for p in mount.iterdir()) == ["t.parquet"]
+        assert pd.read_parquet(mount / "t.parquet").a.tolist() == [1]  # the old table, whole
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

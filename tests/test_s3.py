@@ -10,9 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
+from gvae.errors import GvaeError
+from gvae.study.lease import StudyLease
 from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
 from tests.raycluster import LocalRayCluster
 from tests.test_study import write_study
@@ -120,10 +123,8 @@ def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_pa
     finished_before = before[before.status == "finished"].set_index("trial_id")
     assert len(finished_before) == 1
 
+    # Its lease is still on S3, but its pid is gone from this host: the resume takes the study.
     code, output = finish(gvae(cluster, "study", "resume", "ons3", *join))
-    assert code == 2, output[-2000:]
-    assert "ons3 is already being run by the driver on host" in output.strip().splitlines()[-1]
-    code, output = finish(gvae(cluster, "study", "resume", "ons3", *join, "--force"))
     assert code == 0, output[-3000:]
     assert "resuming study ons3" in output
     trials, curves = store.read(TRIALS), store.read(CURVES)
@@ -140,6 +141,28 @@ def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_pa
     assert code == 0, output[-2000:]
     assert "identical to the recorded trial" in output
     assert len(store.read("reproductions.parquet")) == 1
+
+
+def test_the_lease_on_s3_keeps_a_second_driver_off_until_it_lapses(s3, monkeypatch):
+    monkeypatch.setenv("GVAE_LEASE_SECONDS", "2")  # heartbeats every 0.5 s
+    uri = study_uri(storage(s3), "leased")
+    first = StudyLease(uri, "leased", log=lambda _: None)
+    first.me = replace(first.me, host="node-a")  # a driver on another node
+    first.acquire()
+    second = StudyLease(uri, "leased", log=lambda _: None)
+    refused = r"study: leased is already being run by the driver on host node-a, pid \d+, started "
+    with pytest.raises(GvaeError, match=refused):
+        second.acquire()
+    time.sleep(3)  # longer than the lease: the heartbeats keep it live
+    with pytest.raises(GvaeError, match=refused):
+        second.acquire()
+    first._stop.set()  # the first driver dies: no more heartbeats, no release
+    first._thread.join()
+    time.sleep(2.5)
+    second.acquire()  # lapsed: no --force needed
+    assert second.holder().token == second.token
+    second.release()
+    assert second.holder() is None
 
 
 @pytest.mark.parametrize("fault", ["wrong-bucket", "bad-credentials"])

@@ -58,7 +58,7 @@ def gvae(cluster: LocalRayCluster, *args: str, **popen) -> subprocess.Popen:
 
 def run_ok(cluster: LocalRayCluster, *args: str) -> str:
     process = gvae(cluster, *args)
-    output, _ = process.communicate(timeout=300)
+    output, _ = process.communicate(timeout=600)  # the first study also trains the evaluator
     assert process.returncode == 0, output[-3000:]
     return output
 

@@ -352,8 +352,10 @@ def _new_tuner(
             tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
         )
         param_space.update({key: _domain(value) for key, value in spec.space.items()})
+        # Diverged trials tolerated outermost, so the replicates and Optuna inside see them as
+        # failed; the concurrency limit sits inside too (see tolerant_search).
         tune_config["search_alg"] = tolerant_search(_optuna_search(spec), spec.concurrency or None)
-        tune_config["max_concurrent_trials"] = None  # limited inside the searcher
+        tune_config["max_concurrent_trials"] = None
         tune_config["num_samples"] = spec.trial_count
     run_config = tune.RunConfig(
         name=EXPERIMENT,

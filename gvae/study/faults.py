@@ -62,7 +62,8 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             ) from None
         if "://" not in uri:
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        lines = str(error).strip().splitlines()
+        first = lines[0].rstrip(".") if lines else repr(error)
         raise GvaeError(
             f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
@@ -85,6 +86,8 @@ class _HideTuneHints(logging.Filter):
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] and is_full(record.exc_info[1]):
             return False  # a full disk: gvae's own line names the path and the fix
+        if "No space left on device" in message:
+            return False
         return not any(hidden in message for hidden in self.HIDDEN)
 
 
@@ -92,6 +95,7 @@ def hide_tune_hints() -> None:
     for name in (
         "ray.tune.tune",
         "ray.tune.execution.tune_controller",  # a trial's traceback when storage is full
+        "ray.train._internal.syncer",  # and a failed upload of Tune's state
         "ray.tune.analysis.experiment_analysis",
         "ray.tune.search.search_generator",
     ):

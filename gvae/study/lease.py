@@ -1,9 +1,10 @@
 """One driver per study: a lease file in the study folder that its driver keeps alive.
 
 The driver that holds the lease rewrites `driver.lease` every `ttl / 4` seconds with a new expiry
-time. A second driver refuses the study while the lease is live; a driver that died without
-releasing it blocks the study for `ttl` seconds at most, and `--force` takes the lease over at
-once (the driver that loses it stops as if interrupted). Plain files through pyarrow's
+time. A second driver refuses the study while the lease is live. A driver that died without
+releasing it frees the study at once for drivers on its own host (its pid is gone) and after
+`ttl` seconds for the others; `--force` takes the lease over at once (the driver that loses it
+stops as if interrupted). Plain files through pyarrow's
 filesystems, so it works the same on local folders, shared mounts and S3. Expiry compares wall
 clocks: hosts that share a study should keep them in sync (NTP).
 """
@@ -41,6 +42,21 @@ class Holder:
     def describe(self) -> str:
         return f"the driver on host {self.host}, pid {self.pid}, started {self.started}"
 
+    def alive(self) -> bool:
+        """Within its lease, and, when it ran on this host, its process still there (a driver
+        killed here frees the study at once; one on another host, when its lease lapses)."""
+        if self.expires <= time.time():
+            return False
+        if self.host != socket.gethostname():
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # someone else's process
+        return True
+
 
 class StudyLease:
     """`with StudyLease(uri, name).held(force):` runs the body as the study's only driver."""
@@ -59,7 +75,7 @@ class StudyLease:
     def acquire(self, force: bool = False) -> None:
         """Take the lease, or raise GvaeError naming the live driver that holds it."""
         holder = self.holder()
-        if holder is not None and holder.token != self.token and holder.expires > time.time():
+        if holder is not None and holder.token != self.token and holder.alive():
             if not force:
                 raise GvaeError(
                     f"study: {self.name} is already being run by {holder.describe()}; wait for "
