@@ -110,7 +110,7 @@ class ConsoleProgress(Callback):
     def _describe(self, trial: Any) -> str:
         config = trial.config
         return " ".join(
-            str(config[key]) if key == "model" else f"{key}={config[key]}"
+            str(config[key]) if key == "model" else f"{key}={_short(config[key])}"
             for key in self.params
             if key in config
         )
@@ -217,3 +217,8 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def _short(value: Any) -> str:
+    """Searched floats to 4 significant digits (lam=12.96, lr=0.0009062), the rest as they are."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
