@@ -34,19 +34,24 @@ def suggestion_means(
     """One row per suggestion with a finished seed: its searched parameters, the number of seeds
     `n`, and per objective column the mean and the 95% t-interval half-width (`<column>_ci`).
 
-    Rows are in the order Optuna suggested them (Tune's trial ids count up).
+    Rows are in the order Optuna suggested them: by when their first seed started (`started_at`),
+    else by trial id.
     """
     done = with_suggestion(tables.finished(trials))
     rows = []
     for suggestion, group in done.groupby(SUGGESTION, sort=True):
         row: dict[str, Any] = {SUGGESTION: suggestion, "model": group["model"].iloc[0]}
+        row["started_at"] = group["started_at"].min() if "started_at" in group else None
         row.update({key: group[key].iloc[0] for key in searched if key in group})
         row["seeds"] = ",".join(str(int(seed)) for seed in sorted(group["seed"]))
         for column in objectives:
             mean, half_width, n = tables.mean_ci(group[column])
             row.update({column: mean, f"{column}_ci": half_width, "n": n})
         rows.append(row)
-    return pd.DataFrame(rows)
+    means = pd.DataFrame(rows)
+    if means.empty or means["started_at"].isna().all():
+        return means.drop(columns="started_at", errors="ignore")
+    return means.sort_values("started_at", kind="stable").drop(columns="started_at")
 
 
 def pareto_of_means(means: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataFrame:

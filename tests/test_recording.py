@@ -24,7 +24,7 @@ from tests.raycluster import LocalRayCluster
 from tests.test_study import gvae, run_ok, tables, write_study
 
 # Columns that measure time or name the run, not the trial's outcome.
-WALL_TIME = ["trial_id", "wall_seconds", "iterations_per_second", "eval_seconds"]
+WALL_TIME = ["trial_id", "started_at", "wall_seconds", "iterations_per_second", "eval_seconds"]
 
 
 @pytest.fixture(scope="module")

@@ -132,3 +132,12 @@ def test_importances_name_the_parameter_that_moves_the_objective():
     space = {"lam": Range(0.01, 10.0), "d": Range(0.0, 3.0)}
     table = suggestions.importances(means, {"final_mode_entropy": "max"}, space)
     assert table.loc["lam", "final_mode_entropy"] > 0.8 > table.loc["d", "final_mode_entropy"]
+
+
+def test_suggestions_are_in_the_order_their_first_seed_started():
+    # Under a searcher Tune's trial ids are random: the start time gives Optuna's order.
+    started = SEED_RUNS.assign(started_at=[5.0, 6.0, 1.0, 2.0, 0.5])
+    means = suggestions.suggestion_means(started, GOALS, ["lam"])
+    assert list(means[SUGGESTION]) == ["x_00002", "x_00000"]
+    best = suggestions.best_so_far(means, GOALS)
+    assert list(best.best_final_mode_entropy) == pytest.approx([1.2, 2.1])

@@ -18,6 +18,7 @@ pruning on resume) and is read back from its fragment in the rare case Tune repo
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from ray.tune import Callback
@@ -189,6 +190,9 @@ class ParquetRecorder(Callback):
                 "diverged_at": None,
                 "retries": 0,
                 "iterations_done": 0,
+                # When the trial was first started: the order in which a searcher suggested
+                # trials (Tune's ids are random under a searcher).
+                "started_at": time.time(),
                 **self.provenance,
             }
             self.curves[trial_id] = {}
