@@ -21,6 +21,7 @@ import math
 import time
 from typing import Any
 
+import pyarrow as pa
 from ray.tune import Callback
 
 from gvae.config import TrialConfig
@@ -59,6 +60,11 @@ CONTEXT_KEYS = (
     "real_classifier_score",
 )
 ENDED = ("finished", "failed", "diverged", "stopped")
+# The curves table of a study none of whose trials reached an evaluation: readable, no rows.
+EMPTY_CURVES = pa.schema(
+    [("study", pa.string()), ("trial_id", pa.string()), ("model", pa.string())]
+    + [("iteration", pa.int64())]
+).empty_table()
 
 
 class ParquetRecorder(Callback):
@@ -168,6 +174,8 @@ class ParquetRecorder(Callback):
     def compact(self) -> None:
         self.trials_table.compact()
         self.curves_table.compact()
+        if not self.store.exists(CURVES):  # every trial ended before its first evaluation
+            self.store.put(CURVES, EMPTY_CURVES)
 
     # Rows ------------------------------------------------------------------------------------
 
