@@ -177,7 +177,9 @@ def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path):
 
 # 3. Two drivers on one study -------------------------------------------------------------------
 
-LONG = {"iterations": 400, "eval_every": 100, "concurrency": 1}
+# Trials long enough (several seconds each, one at a time) that a signal or a second driver lands
+# while the second one runs, even on an idle machine.
+LONG = {"iterations": 1000, "eval_every": 250, "concurrency": 1}
 
 
 def test_a_second_driver_is_refused_until_the_first_is_gone(cluster, tmp_path):

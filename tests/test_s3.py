@@ -102,8 +102,8 @@ def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_pa
         tmp_path,
         "ons3",
         models=["vae"],
-        iterations=400,
-        eval_every=100,
+        iterations=1000,  # long enough that the kill lands in the second trial
+        eval_every=250,
         concurrency=1,
         search={"grid": {"seed": [0, 1]}},
     )

@@ -345,7 +345,11 @@ def _new_tuner(
         # Points may only set keys the space has; every point sets them all, so nothing is drawn.
         param_space["model"] = tune.choice(list(spec.models))
         param_space.update({key: tune.choice(values) for key, values in spec.grid.items()})
-        tune_config["search_alg"] = BasicVariantGenerator(points_to_evaluate=points)
+        # The generator limits concurrency itself: Tune ignores max_concurrent_trials beside it.
+        tune_config["search_alg"] = BasicVariantGenerator(
+            points_to_evaluate=points, max_concurrent=spec.concurrency
+        )
+        tune_config["max_concurrent_trials"] = None
         tune_config["num_samples"] = len(points)
     else:
         param_space["model"] = (

@@ -134,7 +134,7 @@ class ConsoleProgress(Callback):
         if status == "diverged":
             metrics = f"losses not finite at iteration {result.get('diverged_at')}"
         elif status == "failed":
-            metrics = _last_line(trial.get_error())
+            metrics = result.get("failed_error") or _last_line(trial.get_error())
         seconds = result.get("time_total_s")
         took = f"  {seconds:.1f} s" if seconds is not None else ""
         line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"
@@ -204,6 +204,8 @@ def _last_line(error: Any) -> str:
 
 def _ended_status(trial: Any) -> str:
     result = trial.last_result or {}
+    if "failed_error" in result:  # an error retrying cannot fix, ended by the trainable
+        return "failed"
     iterations = trial.config.get("iterations")
     return "finished" if result.get("iteration") == iterations else "stopped"
 

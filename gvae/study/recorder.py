@@ -125,7 +125,7 @@ class ParquetRecorder(Callback):
         row.update({key: result[key] for key in CONTEXT_KEYS if key in result})
         if "failed_error" in result:  # an error retrying cannot fix (gvae.study.trainable)
             row["status"], row["error"] = "failed", result["failed_error"]
-            self.flush()
+            self._write(trial.trial_id)
             return
         if "diverged_at" in result:
             row["diverged_at"] = result["diverged_at"]
