@@ -27,22 +27,13 @@ from ray.tune import Callback
 from gvae.config import TrialConfig
 from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
+from gvae.study.spec import EVALUATION_METRICS
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
 # Scalar metrics of an evaluation besides the two entropies: Fréchet distance, mode counts,
 # classifier score, k-NN fidelity/diversity and the cvaegan hinge's activity. Curve columns whose
 # last value is also `final_<name>` in the trials table.
-CURVE_EXTRA_KEYS = (
-    "frechet_distance",
-    "modes_covered",
-    "kl_to_uniform",
-    "classifier_score",
-    "precision",
-    "recall",
-    "density",
-    "coverage",
-    "constraint_active",
-)
+CURVE_EXTRA_KEYS = (*EVALUATION_METRICS, "constraint_active")
 # Curve columns about speed only (no final_ summary).
 CURVE_TIMING_KEYS = ("iterations_per_second", "eval_seconds")
 ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
