@@ -129,18 +129,14 @@ def _table1_text(table: pd.DataFrame) -> list[str]:
             "mean image entropy": _with_ci(table, "mean_image_entropy"),
         }
     )
-    if (shown["setting"].iloc[:-1] == "").all():
-        shown = shown.drop(columns="setting")
+    shown = _without_empty_setting(shown)
     return [
         "Final evaluation of finished trials: mean ± half-width of the 95% t-interval over seeds "
         "(blank with one seed). Mode entropy: higher is more diverse (ln K at most for K modes: "
         "ln 10 = 2.303, ln 1000 = 6.908 on Stacked MNIST); "
         "mean image entropy: lower is sharper. *paper*: the paper's Table 1.",
         "",
-        *_markdown_table(shown),
-        "",
-        "Data: [table1.csv](table1.csv).",
-        "",
+        *_table_lines(shown, "table1.csv"),
     ]
 
 
@@ -152,8 +148,7 @@ def _table2_section(report: Report, trials: pd.DataFrame) -> list[str]:
     names.update(frechet_distance="Frechet")
     for metric in fidelity.FIDELITY_METRICS:
         shown[names.get(metric, metric)] = _with_ci(table, metric)
-    if (shown["setting"].iloc[:-1] == "").all():
-        shown = shown.drop(columns="setting")
+    shown = _without_empty_setting(shown)
     return [
         "## Table 2: fidelity and diversity",
         "",
@@ -165,10 +160,7 @@ def _table2_section(report: Report, trials: pd.DataFrame) -> list[str]:
         "k-NN metrics use at most 5,000 generated and 5,000 held-out images); *Frechet*: "
         "Frechet distance of the classifier's features (not comparable with published FIDs).",
         "",
-        *_markdown_table(shown),
-        "",
-        "Data: [table2.csv](table2.csv).",
-        "",
+        *_table_lines(shown, "table2.csv"),
     ]
 
 
@@ -192,10 +184,7 @@ def _stacked_mnist_section(report: Report, trials: pd.DataFrame) -> list[str]:
         "and classifiers, and count modes over 26,000 samples; set `eval_samples: 26000` for the "
         "same count here. Compare orders of magnitude, not decimals.",
         "",
-        *_markdown_table(shown),
-        "",
-        "Data: [stacked_mnist.csv](stacked_mnist.csv).",
-        "",
+        *_table_lines(shown, "stacked_mnist.csv"),
     ]
 
 
@@ -364,6 +353,18 @@ def _csv(report: Report, name: str, table: pd.DataFrame) -> None:
     path = report.folder / name
     table.to_csv(path, index=False)
     report.files.append(path)
+
+
+def _without_empty_setting(shown: pd.DataFrame) -> pd.DataFrame:
+    """Drop the `setting` column when no row but the last (real data) names one."""
+    if (shown["setting"].iloc[:-1] == "").all():
+        return shown.drop(columns="setting")
+    return shown
+
+
+def _table_lines(shown: pd.DataFrame, csv_name: str) -> list[str]:
+    """A Markdown table and the link to the CSV file holding its data."""
+    return [*_markdown_table(shown), "", f"Data: [{csv_name}]({csv_name}).", ""]
 
 
 def _markdown_table(table: pd.DataFrame, digits: int = 3) -> list[str]:
