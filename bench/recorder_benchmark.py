@@ -5,8 +5,9 @@ Run as `.venv/bin/python bench/recorder_benchmark.py [--trials 100 1000 10000] [
 study size (see README.md).
 
 Events are simulated, the recorder and the files are real: for each trial, as Tune calls it, a
-start, one result per evaluation (the last with the final arrays a real trial reports: one
-entropy per generated image and a 10x10 sample grid as base64 PNG) and a completion. What the
+start, one result per evaluation, the checkpoint of the last evaluation (holding the final arrays a
+real trial writes: one entropy per generated image and a 10x10 sample grid as base64 PNG, which the
+recorder reads) and a completion. What the
 recorder writes goes through the same ResultsStore as in a study, into a local folder.
 """
 
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ray import tune
 
 from gvae.data import load_dataset
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.results import ResultsStore
+from gvae.study.trainable import move_arrays_into_checkpoint
 from gvae.trainer import GRID_SIZE, _png_base64
 
 
@@ -42,19 +45,23 @@ class Trial:
         return None
 
 
-def final_arrays(eval_samples: int) -> dict[str, Any]:
-    """Arrays as big as a real trial's last result: real digits in the PNG, entropies < ln 10."""
+def final_checkpoint(eval_samples: int, folder: Path) -> tune.Checkpoint:
+    """A checkpoint holding arrays as big as a real trial's last evaluation: real digits in the
+    PNG, entropies < ln 10."""
     images = load_dataset("mnist5k").train_images[:GRID_SIZE]
     entropies = torch.rand(eval_samples, generator=torch.Generator().manual_seed(0)) * 2.3
-    return {
+    arrays = {
         "image_entropies": [round(value, 5) for value in entropies.tolist()],
         "sample_labels": [index % 10 for index in range(GRID_SIZE)],
         "samples_png": _png_base64(images),
     }
+    folder.mkdir(parents=True)
+    move_arrays_into_checkpoint(arrays, folder)
+    return tune.Checkpoint.from_directory(folder)
 
 
 def trial_events(
-    recorder: ParquetRecorder, trial: Trial, evaluations: int, arrays: dict[str, Any]
+    recorder: ParquetRecorder, trial: Trial, evaluations: int, checkpoint: tune.Checkpoint
 ) -> list[float]:
     """Seconds each of one trial's events took in the recorder."""
     times = []
@@ -81,14 +88,13 @@ def trial_events(
             "node": platform.node(),
             "threads": 1,
         }
-        if k == evaluations:
-            result.update(arrays)
         event("on_trial_result", result=result)
+    event("on_checkpoint", checkpoint=checkpoint)
     event("on_trial_complete")
     return times
 
 
-def bench(trials: int, evaluations: int, arrays: dict[str, Any], root: Path) -> str:
+def bench(trials: int, evaluations: int, checkpoint: tune.Checkpoint, root: Path) -> str:
     store = ResultsStore(str(root / f"n{trials}"))
     recorder = ParquetRecorder(store, "bench", {"gvae_version": "bench"})
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -97,7 +103,7 @@ def bench(trials: int, evaluations: int, arrays: dict[str, Any], root: Path) -> 
     for index in range(trials):
         trial = Trial(f"bench_{index:05d}", {"model": "gan", "iterations": 1000 * evaluations})
         before = store.bytes_written
-        times = trial_events(recorder, trial, evaluations, arrays)
+        times = trial_events(recorder, trial, evaluations, checkpoint)
         if index == 0:
             first, first_bytes = times, store.bytes_written - before
         last, last_bytes = times, store.bytes_written - before
@@ -106,7 +112,7 @@ def bench(trials: int, evaluations: int, arrays: dict[str, Any], root: Path) -> 
     tick = time.perf_counter()
     recorder.on_experiment_end(trials=[])
     compact_s = time.perf_counter() - tick
-    count = trials * (evaluations + 2)
+    count = trials * (evaluations + 3)
     return (
         f"{trials:>7} {count:>9} {1e3 * events_s / count:>10.2f} {1e3 * cpu_s / count:>8.2f} "
         f"{1e3 * statistics.median(first):>10.2f} {1e3 * statistics.median(last):>10.2f} "
@@ -136,12 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         f"recorder | {platform.node()} | {os.cpu_count()} logical CPUs | load {load} | "
         f"{args.evaluations} evaluations per trial | {args.eval_samples} entropies per trial"
     )
-    arrays = final_arrays(args.eval_samples)
     print(HEADER)
     print("-" * len(HEADER), flush=True)
     with tempfile.TemporaryDirectory(prefix="gvae-bench-", dir=args.storage) as root:
+        checkpoint = final_checkpoint(args.eval_samples, Path(root) / "checkpoint")
         for trials in args.trials:
-            print(bench(trials, args.evaluations, arrays, Path(root)), flush=True)
+            print(bench(trials, args.evaluations, checkpoint, Path(root)), flush=True)
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"load at the end {load}")
 

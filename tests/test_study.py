@@ -68,6 +68,12 @@ def tables(storage: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.read_parquet(folder / "trials.parquet"), pd.read_parquet(folder / "curves.parquet")
 
 
+def checkpoints_per_trial(storage: Path, name: str) -> list[int]:
+    """How many checkpoint folders each trial of a study kept under Tune's experiment folder."""
+    trial_folders = sorted((storage / name / "tune").glob("train_trial_*"))
+    return [len(list(folder.glob("checkpoint_*"))) for folder in trial_folders]
+
+
 def test_grid_study_writes_both_tables(cluster, tmp_path):
     study = write_study(
         tmp_path, "grid", models=["gan", "cvaegan"], search={"grid": {"seed": [0, 1]}}
@@ -90,6 +96,7 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
     merged = trials.merge(last, left_on="trial_id", right_index=True, suffixes=("", "_c"))
     assert (merged.final_mode_entropy == merged.mode_entropy).all()
     assert trials.final_image_entropies.map(len).eq(300).all()
+    assert checkpoints_per_trial(tmp_path / "r", "grid") == [1] * 4  # of two evaluations each
 
 
 def test_optuna_study_searches_two_objectives(cluster, tmp_path):
@@ -194,6 +201,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(
     assert not curves.duplicated(["trial_id", "iteration"]).any() and len(curves) == 8
     kept = trials.set_index("trial_id").loc[finished_before.index]
     assert (kept.wall_seconds == finished_before.wall_seconds).all()  # not re-run
+    assert checkpoints_per_trial(storage, "resume") == [1] * 4
     if "optuna" in search:  # the restored searcher goes on suggesting new points
         assert trials.lam.nunique() == 4 and trials.lam.between(0.1, 10.0).all()
 
@@ -224,6 +232,7 @@ def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):
     row = trials.iloc[0]
     assert row.status == "finished" and row.retries == 1
     assert curves.iteration.tolist() == [100, 200, 300, 400]
+    assert checkpoints_per_trial(tmp_path / "r", "crash") == [1]
 
     # Resumed from a checkpoint, the trial ends exactly where an uninterrupted run ends.
     torch.set_num_threads(int(row.threads))

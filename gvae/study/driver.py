@@ -34,6 +34,7 @@ from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluator import load_or_train_evaluator
 from gvae.io import atomic_local_filesystem
+from gvae.study.checkpoints import KEPT_WHILE_RUNNING, KeepLastCheckpoint
 from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.progress import ConsoleProgress
@@ -290,7 +291,8 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
 
 
 def _callbacks(spec: StudySpec, recorder: ParquetRecorder, verbose: bool) -> list[Any]:
-    return [recorder] if verbose else [recorder, _progress(spec)]
+    kept = [recorder, KeepLastCheckpoint()]
+    return kept if verbose else [*kept, _progress(spec)]
 
 
 def _set_output(tuner: tune.Tuner, spec: StudySpec, verbose: bool) -> None:
@@ -303,7 +305,7 @@ def _set_output(tuner: tune.Tuner, spec: StudySpec, verbose: bool) -> None:
     others = [
         c
         for c in run_config.callbacks or []
-        if not isinstance(c, ParquetRecorder | ConsoleProgress)
+        if not isinstance(c, ParquetRecorder | ConsoleProgress | KeepLastCheckpoint)
     ]
     ours = _callbacks(spec, recorders[0], verbose) if recorders else []
     run_config.callbacks = [*ours, *others]
@@ -368,8 +370,9 @@ def _new_tuner(
         # The guard first: it stops the study before the recorder marks a trial failed.
         callbacks=[StopWhenStorageFull(store.uri), *_callbacks(spec, recorder, verbose)],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        # The last checkpoint is all a retry or a resume needs (and all a finished trial keeps).
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # Two while a trial runs (one would force a snapshot of the whole study per checkpoint);
+        # KeepLastCheckpoint leaves ended trials their last (gvae.study.checkpoints).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_WHILE_RUNNING),
         verbose=1 if verbose else 0,
     )
     return tune.Tuner(

@@ -28,6 +28,7 @@ from gvae.config import TrialConfig
 from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 from gvae.study.spec import EVALUATION_METRICS
+from gvae.study.trainable import read_checkpoint_arrays
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
 # Scalar metrics of an evaluation besides the two entropies: Fréchet distance, mode counts,
@@ -36,7 +37,6 @@ CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogra
 CURVE_EXTRA_KEYS = (*EVALUATION_METRICS, "constraint_active")
 # Curve columns about speed only (no final_ summary).
 CURVE_TIMING_KEYS = ("iterations_per_second", "eval_seconds")
-ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
 CONTEXT_KEYS = (
     "device_used",
     "node",
@@ -126,13 +126,15 @@ class ParquetRecorder(Callback):
             return
         self._add_curve_row(trial, result)
         row["iterations_done"] = result["iteration"]
-        for key in ARRAY_KEYS:
-            if key in result:
-                # Taken out of the result (Tune allows callbacks to change it): Tune keeps every
-                # trial's last result in memory and writes all of them into each snapshot of its
-                # state, where 10,000 entropies per trial would make snapshots grow with the study.
-                row[f"final_{key}"] = result.pop(key)
         self._write(trial.trial_id, curve=True)
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info):
+        """The final evaluation's per-image arrays, which come in its checkpoint."""
+        arrays = read_checkpoint_arrays(checkpoint)
+        if arrays:
+            row = self._trial_row(trial)
+            row.update({f"final_{key}": value for key, value in arrays.items()})
+            self._write(trial.trial_id)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_row(trial)["retries"] = trial.num_failures

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
@@ -37,8 +39,9 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
     }
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        scalars = move_arrays_into_checkpoint(metrics, checkpoint_dir)
         tune.report(
-            {**metrics, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
+            {**scalars, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
         )
 
     checkpoint = tune.get_checkpoint()
@@ -64,6 +67,31 @@ def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None
         # Tune retries every exception a trial raises; ending the trial with this report is the
         # only way to fail it at once. The recorder marks it failed, the searcher as FAIL.
         tune.report({**context, "failed_error": reason})
+
+
+# The final evaluation's per-image arrays (10,000 entropies, the sample grid) travel in the
+# checkpoint, not in the result: Tune keeps each trial's last result and its checkpoint's result in
+# every snapshot of its experiment state, which it writes after each trial checkpoint, so arrays in
+# results would make each snapshot, and the driver's time per event, grow with the study.
+ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
+ARRAYS_FILE = "final_arrays.json"
+
+
+def move_arrays_into_checkpoint(metrics: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
+    """The metrics without their arrays, which are written to the checkpoint's ARRAYS_FILE."""
+    arrays = {key: metrics[key] for key in ARRAY_KEYS if key in metrics}
+    if arrays:
+        (checkpoint_dir / ARRAYS_FILE).write_text(json.dumps(arrays))
+    return {key: value for key, value in metrics.items() if key not in arrays}
+
+
+def read_checkpoint_arrays(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+    """The arrays a trial put in this checkpoint ({} when it holds none)."""
+    path = f"{checkpoint.path}/{ARRAYS_FILE}"
+    if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return {}
+    with checkpoint.filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.readall())
 
 
 # Messages of errors that the same trial on the same node hits again however often it runs.
