@@ -15,6 +15,7 @@ from analysis.tables import (
     finished,
     mean_ci,
     model_order,
+    real_data_groups,
     varying_config,
 )
 
@@ -61,11 +62,13 @@ def metric_table(trials: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
             row[f"{metric}_mean"], row[f"{metric}_ci95"], _ = mean_ci(values)
         rows.append(row)
     rows.sort(key=lambda row: rank[row["model"]])
-    real: dict[str, object] = {"model": REAL_DATA, "setting": "held-out images"}
-    for metric in metrics:
-        real[f"{metric}_mean"] = _first(trials, f"real_{metric}")
-        real[f"{metric}_ci95"] = math.nan
-    return pd.DataFrame([*rows, real])
+    for setting, group in real_data_groups(trials):
+        real: dict[str, object] = {"model": REAL_DATA, "setting": setting}
+        for metric in metrics:
+            real[f"{metric}_mean"] = _first(group, f"real_{metric}")
+            real[f"{metric}_ci95"] = math.nan
+        rows.append(real)
+    return pd.DataFrame(rows)
 
 
 def table2(trials: pd.DataFrame) -> pd.DataFrame:

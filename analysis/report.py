@@ -40,8 +40,9 @@ def write_report(study: Study, folder: Path) -> Report:
     _csv(report, "table1.csv", table1)
     lines += _table1_text(table1)
     lines += _table2_section(report, trials)
-    if study.spec.dataset.startswith("stacked-mnist"):
-        lines += _stacked_mnist_section(report, trials)
+    stacked = trials[trials["dataset"].str.startswith("stacked-mnist")] if len(trials) else trials
+    if len(stacked):
+        lines += _stacked_mnist_section(report, stacked)
     lines += _constraint_section(report, trials)
     if tables.finished(trials).empty:
         lines += ["No trial has finished yet: nothing to plot (see the list below).", ""]
@@ -107,7 +108,7 @@ def _header(study: Study) -> list[str]:
     if spec.description:
         lines += [spec.description, ""]
     lines += [
-        f"- models: {', '.join(spec.models)}; dataset: {spec.dataset}; "
+        f"- models: {', '.join(spec.models)}; dataset: {', '.join(spec.datasets)}; "
         f"{spec.iterations} iterations, evaluated every {spec.eval_every}",
         f"- search: {search}",
         f"- trials: {', '.join(f'{n} {status}' for status, n in counts.items())}",

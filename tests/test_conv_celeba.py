@@ -158,7 +158,7 @@ def test_missing_celeba_is_exit_2_before_ray_starts(
 def test_celeba_studies_validate_without_data() -> None:
     full, small = load_study(STUDIES / "celeba.yaml"), load_study(STUDIES / "celeba_small.yaml")
     for spec in (full, small):
-        assert spec.dataset == "celeba" and spec.fixed["arch"] == "conv"
+        assert spec.datasets == ("celeba",) and spec.fixed["arch"] == "conv"
         assert spec.models == ("vaegan", "cvaegan")
     assert full.iterations == math.ceil(50 * 162_770 / 64) and full.fixed["batch_size"] == 64
     assert full.gpus > 0 and full.cpus == 4

@@ -78,6 +78,33 @@ def test_table1_keeps_settings_of_one_model_apart():
     assert table["mode_entropy_mean"][0] == pytest.approx(2.1)
 
 
+def test_a_study_over_two_datasets_has_rows_and_a_real_data_row_per_dataset():
+    trials = trials_frame(
+        [
+            {"model": "vae", "seed": s, "dataset": name, "final_mode_entropy": m}
+            | {"final_mean_image_entropy": 1.0, "real_mode_entropy": real}
+            | {"final_modes_covered": m * 10, "real_modes_covered": real * 10}
+            for s, name, m, real in [
+                (0, "mnist5k", 2.0, 2.3),
+                (1, "mnist5k", 2.2, 2.3),
+                (0, "stacked-mnist5k", 5.0, 6.9),
+                (1, "stacked-mnist5k", 5.4, 6.9),
+            ]
+        ]
+    )
+    table = tables.table1(trials)
+    assert list(table["setting"]) == [
+        "dataset=mnist5k",
+        "dataset=stacked-mnist5k",
+        "held-out images, dataset=mnist5k",
+        "held-out images, dataset=stacked-mnist5k",
+    ]
+    assert list(table["mode_entropy_mean"]) == pytest.approx([2.1, 5.2, 2.3, 6.9])
+    assert table["paper_mode_entropy"][0] == 2.266 and math.isnan(table["paper_mode_entropy"][1])
+    table2 = fidelity.table2(trials)
+    assert list(table2["modes_covered_mean"]) == pytest.approx([21, 52, 23, 69])
+
+
 def test_pareto_front_of_a_hand_made_frame():
     points = {
         "a": (2.0, 0.5),

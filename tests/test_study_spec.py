@@ -53,6 +53,10 @@ BAD = [
     (VALID, "name", DELETE, "name"),
     (VALID, "models", ["gan", "gann"], "models"),
     (VALID, "dataset", "cifar", "dataset"),
+    (VALID, "dataset", ["mnist5k", "cifar"], "dataset"),
+    (VALID, "dataset", ["mnist5k", "mnist5k"], "dataset"),
+    (VALID, "dataset", [], "dataset"),
+    (OPTUNA, "dataset", ["mnist5k", "stacked-mnist5k"], "dataset"),
     (VALID, "iterations", "many", "iterations"),
     (VALID, "eval_every", 100, "eval_every"),
     (VALID, "fixed.lam", -1.0, "fixed.lam"),
@@ -116,6 +120,19 @@ def test_quick_and_paper_studies_cover_all_five_models():
         assert set(spec.models) == {"gan", "wgan", "vae", "vaegan", "cvaegan"}
     assert load_study(STUDIES / "quick.yaml").trial_count == 15
     assert load_study(STUDIES / "paper.yaml").trial_count == 25
+
+
+def test_a_grid_study_over_two_datasets_trains_each_combination_on_its_dataset():
+    spec = parse_study(changed(VALID, "dataset", ["mnist5k", "stacked-mnist5k"]))
+    assert spec.datasets == ("mnist5k", "stacked-mnist5k") and spec.trial_count == 8
+    combos = spec.grid_trials()
+    assert {(c["model"], c["dataset"], c["seed"]) for c in combos} == {
+        (model, dataset, seed)
+        for model in ("gan", "cvaegan")
+        for dataset in ("mnist5k", "stacked-mnist5k")
+        for seed in (0, 1)
+    }
+    assert parse_study(VALID).datasets == ("mnist5k",)
 
 
 def test_grid_and_optuna_parse():

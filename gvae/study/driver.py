@@ -114,8 +114,11 @@ def _run_leased(
     verbose: bool,
 ) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
-    dataset = load_dataset(spec.dataset, data_root)
-    evaluator = load_or_train_evaluator(dataset, log=log)
+    # Each dataset's evaluator, trained here once if it is not cached (trials only load it).
+    evaluator_states = {
+        name: load_or_train_evaluator(load_dataset(name, data_root), log=log).state()
+        for name in spec.datasets
+    }
     # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
     # trials get the folder the driver found the data in.
     spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
@@ -125,7 +128,7 @@ def _run_leased(
     _init_ray(address, log)
     check_resources(spec, resource_wait if address else 0.0, log)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, evaluator_state=evaluator.state()),
+        tune.with_parameters(train_trial, evaluator_states=evaluator_states),
         {"cpu": spec.cpus, "gpu": spec.gpus},
     )
     experiment = f"{store.root}/{EXPERIMENT}"
@@ -282,7 +285,8 @@ def _leave_job_working_dir() -> None:
 
 def _progress(spec: StudySpec) -> ConsoleProgress:
     if spec.search_type == "grid":
-        objective, params = ("mode_entropy", "max"), ("model", *spec.grid)
+        datasets = ("dataset",) if len(spec.datasets) > 1 else ()
+        objective, params = ("mode_entropy", "max"), ("model", *datasets, *spec.grid)
     else:
         first = spec.objectives[0]
         seeds = ("seed",) if spec.replicates > 1 else ()  # the searcher gives each replicate one
@@ -425,11 +429,13 @@ def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
     counts = trials["status"].value_counts().to_dict()
     lines = [f"study {spec.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
     done = trials[trials["status"] == "finished"]
-    if not done.empty:
-        best = done.sort_values("final_mode_entropy", ascending=False).head(5)
+    for dataset, group in done.groupby("dataset"):  # mode entropies compare within a dataset
+        best = group.sort_values("final_mode_entropy", ascending=False).head(5)
         modes = len(best.iloc[0]["final_class_histogram"])  # 10 digits, or 8 face modes
+        where = f" on {dataset}" if len(spec.datasets) > 1 else ""
         lines.append(
-            f"best by final mode_entropy (ln {modes} = {math.log(modes):.3f} is the ceiling):"
+            f"best by final mode_entropy{where} (ln {modes} = {math.log(modes):.3f} is the "
+            "ceiling):"
         )
         for _, row in best.iterrows():
             lines.append(

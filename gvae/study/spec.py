@@ -83,7 +83,7 @@ class Scheduler:
 @dataclass(frozen=True)
 class StudySpec:
     name: str
-    dataset: str
+    datasets: tuple[str, ...]  # a grid study may compare several; each trial trains on one
     models: tuple[str, ...]
     iterations: int
     eval_every: int
@@ -106,14 +106,17 @@ class StudySpec:
         """Trial fields shared by every trial of the study."""
         return {
             **self.fixed,
-            "dataset": self.dataset,
+            "dataset": self.datasets[0],  # grid_trials names it when there are several
             "iterations": self.iterations,
             "eval_every": self.eval_every,
         }
 
     def grid_trials(self) -> list[dict[str, Any]]:
-        """Every combination of the grid (models first), as dicts of trial fields."""
+        """Every combination of the grid (models, then datasets, first), as dicts of trial
+        fields."""
         combos: list[dict[str, Any]] = [{"model": model} for model in self.models]
+        if len(self.datasets) > 1:
+            combos = [{**combo, "dataset": name} for combo in combos for name in self.datasets]
         for key, values in self.grid.items():
             combos = [{**combo, key: value} for combo in combos for value in values]
         return combos
@@ -175,7 +178,7 @@ def parse_study(data: Any) -> StudySpec:
     spec = StudySpec(
         name=name,
         description=str(data.get("description", "")),
-        dataset=_typed(data, "dataset", str),
+        datasets=tuple(_datasets(data["dataset"], search_type)),
         models=models,
         iterations=_typed(data, "iterations", int),
         eval_every=_typed(data, "eval_every", int),
@@ -243,6 +246,20 @@ def _models(value: Any) -> list[str]:
         if model not in MODEL_NAMES:
             raise GvaeError(f"models: unknown model {model!r}; use any of {', '.join(MODEL_NAMES)}")
     return value
+
+
+def _datasets(value: Any, search_type: str) -> list[str]:
+    """One dataset name, or in a grid study a list of them (each trial trains on one)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise GvaeError(f"dataset: expected a dataset name or a list of names, got {value!r}")
+    if len(set(names)) < len(names):
+        raise GvaeError(f"dataset: {value!r} names a dataset twice; list each once")
+    if len(names) > 1 and search_type != "grid":
+        raise GvaeError(
+            "dataset: an Optuna study searches one dataset; name one, or run a study per dataset"
+        )
+    return names
 
 
 def _fixed(fixed: Any) -> dict[str, Any]:

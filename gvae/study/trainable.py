@@ -19,12 +19,14 @@ from gvae.study.replicates import SUGGESTION
 from gvae.trainer import Diverged, resolve_device, run_trial
 
 
-def train_trial(params: dict[str, Any], evaluator_state: dict[str, Any]) -> None:
-    """Run one trial under Ray Tune, resuming from the trial's checkpoint after a failure."""
+def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, Any]]) -> None:
+    """Run one trial under Ray Tune, resuming from the trial's checkpoint after a failure.
+
+    `evaluator_states`: the evaluator of each dataset of the study, by dataset name."""
     params = {key: value for key, value in params.items() if key != SUGGESTION}
     config = TrialConfig.from_dict(params).validate()
     device = resolve_device(config.device)
-    evaluator = _cached_evaluator(evaluator_state, device)
+    evaluator = _cached_evaluator(evaluator_states[config.dataset], device)
     context = {
         "device_used": str(device),
         "node": socket.gethostname(),
