@@ -11,11 +11,16 @@ header line and one line per run (see README.md).
    `wall_seconds`) over the CPUs: what a scheduler with no overhead at all would take.
 2. Plain Ray Tune in a fresh process: the same count of function trials, each busy for the
    gvae study's median trial time, each reporting once with a small checkpoint, actors reused.
+
+Each run's wall time is also split into its startup (command start to the first trial's start:
+imports, starting Ray, the first worker), its trial phase (first trial start to last trial end,
+against the same minimum) and its teardown (last trial end to the command's exit).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -34,11 +39,11 @@ def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def run_gvae(study: Path, storage: Path) -> tuple[float, int]:
-    """Wall seconds of `gvae study run` and the lines it printed."""
+def run_gvae(study: Path, storage: Path) -> tuple[float, float, int]:
+    """Start time (epoch seconds) and wall seconds of `gvae study run`, and the lines it printed."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, as a new user's first run
-    tick = time.perf_counter()
+    start, tick = time.time(), time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "gvae.cli", "study", "run", str(study), "--storage", str(storage)],
         env=env,
@@ -48,7 +53,7 @@ def run_gvae(study: Path, storage: Path) -> tuple[float, int]:
     wall = time.perf_counter() - tick
     if out.returncode != 0:
         sys.exit(f"gvae study run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return wall, len((out.stdout + out.stderr).splitlines())
+    return start, wall, len((out.stdout + out.stderr).splitlines())
 
 
 def tiny_study(folder: Path, args: argparse.Namespace) -> Path:
@@ -67,12 +72,16 @@ def tiny_study(folder: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def report_line(label: str, wall: float, trial_seconds: pd.Series, cpus: int) -> float:
-    minimum = trial_seconds.sum() / cpus
+def report_line(label: str, start: float, wall: float, trials: pd.DataFrame, cpus: int) -> float:
+    """Print a run's figures; `trials` has each trial's `seconds`, `started` and `ended`."""
+    minimum = trials.seconds.sum() / cpus
+    first, last = trials.started.min() - start, trials.ended.max() - start
     print(
-        f"{label}: {len(trial_seconds)} trials, median trial {trial_seconds.median():.2f} s, "
+        f"{label}: {len(trials)} trials, median trial {trials.seconds.median():.2f} s, "
         f"wall {wall:.1f} s, minimum {minimum:.1f} s (sum of trial times / {cpus} CPUs), "
-        f"wall / minimum {wall / minimum:.2f}",
+        f"wall / minimum {wall / minimum:.2f}\n"
+        f"  startup {first:.1f} s, trial phase {last - first:.1f} s (/ minimum "
+        f"{(last - first) / minimum:.2f}), teardown {wall - last:.1f} s",
         flush=True,
     )
     return minimum
@@ -84,16 +93,17 @@ def plain_tune(trials: int, seconds: float, storage: Path) -> None:
     from ray import tune
 
     def trainable(config: dict) -> None:
+        started = time.time()
         end = time.perf_counter() + config["seconds"]
         total = 0
         while time.perf_counter() < end:  # busy, like a training loop
             total += 1
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, "state.txt").write_text(str(total))
-            tune.report({"done": 1}, checkpoint=tune.Checkpoint.from_directory(directory))
+            checkpoint = tune.Checkpoint.from_directory(directory)
+            tune.report({"started": started, "ended": time.time()}, checkpoint=checkpoint)
 
     ray.init(log_to_driver=False)
-    tick = time.perf_counter()
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
         param_space={"seconds": seconds},
@@ -101,22 +111,25 @@ def plain_tune(trials: int, seconds: float, storage: Path) -> None:
         run_config=tune.RunConfig(storage_path=str(storage), name="plain", verbose=0),
     )
     results = tuner.fit()
-    fit = time.perf_counter() - tick
-    times = [result.metrics["time_total_s"] for result in results]
-    print(f"PLAIN {fit:.3f} {' '.join(f'{t:.4f}' for t in times)}")
+    rows = [
+        {key: result.metrics[key] for key in ("started", "ended")}
+        | {"seconds": result.metrics["time_total_s"]}
+        for result in results
+    ]
+    print(f"PLAIN {json.dumps(rows)}")
 
 
-def run_plain(trials: int, seconds: float, storage: Path) -> tuple[float, pd.Series]:
+def run_plain(trials: int, seconds: float, storage: Path) -> tuple[float, float, pd.DataFrame]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, __file__, "--plain-run", str(trials), str(seconds), str(storage)]
-    tick = time.perf_counter()
+    start, tick = time.time(), time.perf_counter()
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - tick
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PLAIN ")), None)
     if out.returncode != 0 or line is None:
         sys.exit(f"plain Tune run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return wall, pd.Series([float(value) for value in line.split()[2:]])
+    return start, wall, pd.DataFrame(json.loads(line.removeprefix("PLAIN ")))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,18 +152,26 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gvae-study-bench-") as folder:
         study = args.study or tiny_study(Path(folder), args)
         name = yaml.safe_load(study.read_text())["name"]
-        wall, lines = run_gvae(study, Path(folder) / "results")
-        trials = pd.read_parquet(Path(folder) / "results" / name / "trials.parquet")
-        gvae_minimum = report_line(f"gvae study {name}", wall, trials.wall_seconds, cpus)
+        start, wall, lines = run_gvae(study, Path(folder) / "results")
+        table = pd.read_parquet(Path(folder) / "results" / name / "trials.parquet")
+        # started_at: when Tune started the trial; wall_seconds: the trial's own time.
+        trials = pd.DataFrame(
+            {
+                "seconds": table.wall_seconds,
+                "started": table.started_at,
+                "ended": table.started_at + table.wall_seconds,
+            }
+        )
+        gvae_minimum = report_line(f"gvae study {name}", start, wall, trials, cpus)
         print(f"  console: {lines} lines for {len(trials)} trials; load {load()}", flush=True)
         if args.study or args.skip_plain:
             return
-        median = float(trials.wall_seconds.median())
-        plain_wall, plain_times = run_plain(len(trials), median, Path(folder) / "plain")
-        report_line("plain Ray Tune", plain_wall, plain_times, cpus)
+        median = float(trials.seconds.median())
+        plain_start, plain_wall, plain = run_plain(len(trials), median, Path(folder) / "plain")
+        plain_minimum = report_line("plain Ray Tune", plain_start, plain_wall, plain, cpus)
         print(
             f"gvae wall / plain Tune wall {wall / plain_wall:.2f}; "
-            f"gvae minimum / plain minimum {gvae_minimum / (plain_times.sum() / cpus):.2f}; "
+            f"gvae minimum / plain minimum {gvae_minimum / plain_minimum:.2f}; "
             f"load {load()}"
         )
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import save_image
 
 from gvae.config import TrialConfig
 from gvae.data import BatchSampler, StreamedBatches, load_dataset, training_batches
@@ -127,7 +126,7 @@ def run_trial(
             curve.append(row)
             log(_progress_line(config, row))
             if out_dir is not None:
-                save_image(final["grid_images"], out_dir / f"samples_{iteration:07d}.png", nrow=10)
+                _save_grid(final["grid_images"], out_dir / f"samples_{iteration:07d}.png")
             _checkpoint_and_report(model, batches, device, iteration, curve, row, final, report)
             loss_sums, window_iterations, window_seconds = {}, 0, 0.0
     finally:
@@ -179,9 +178,18 @@ def _evaluate(
     return row, arrays
 
 
+def _save_grid(images: torch.Tensor, target: Path | io.BytesIO) -> None:
+    """The images as one PNG grid, ten a row."""
+    # Imported here: importing torchvision costs 1.3 s (it loads torch._dynamo), which a study's
+    # driver, which never draws a grid, should not pay.
+    from torchvision.utils import save_image
+
+    save_image(images, target, format="png", nrow=10)
+
+
 def _png_base64(images: torch.Tensor) -> str:
     buffer = io.BytesIO()
-    save_image(images, buffer, format="png", nrow=10)
+    _save_grid(images, buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -99,6 +99,28 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
     assert checkpoints_per_trial(tmp_path / "r", "grid") == [1] * 4  # of two evaluations each
 
 
+def test_a_grid_over_two_datasets_measures_each_trial_with_its_datasets_evaluator(
+    cluster, tmp_path
+):
+    study = write_study(
+        tmp_path,
+        "two",
+        dataset=["mnist5k", "stacked-mnist5k"],
+        models=["vae"],
+        iterations=20,
+        search={"grid": {"seed": [0]}},
+    )
+    output = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    assert "best by final mode_entropy on stacked-mnist5k (ln 1000" in output
+    trials = tables(tmp_path / "r", "two")[0].set_index("dataset")
+    assert set(trials.status) == {"finished"} and len(trials) == 2
+    assert trials.final_class_histogram.map(len).to_dict() == {
+        "mnist5k": 10,
+        "stacked-mnist5k": 1000,
+    }
+    assert trials.real_modes_covered.to_dict() == {"mnist5k": 10, "stacked-mnist5k": 1000}
+
+
 def test_optuna_study_searches_two_objectives(cluster, tmp_path):
     space = {"lam": {"low": 0.1, "high": 10.0, "log": True}, "d": {"low": 0.0, "high": 1.0}}
     objectives = {"mode_entropy": "max", "mean_image_entropy": "min"}

@@ -350,6 +350,7 @@ def _new_tuner(
         points = longest_first(spec)
         # Points may only set keys the space has; every point sets them all, so nothing is drawn.
         param_space["model"] = tune.choice(list(spec.models))
+        param_space["dataset"] = tune.choice(list(spec.datasets))
         param_space.update({key: tune.choice(values) for key, values in spec.grid.items()})
         # The generator limits concurrency itself: Tune ignores max_concurrent_trials beside it.
         tune_config["search_alg"] = BasicVariantGenerator(
