@@ -271,7 +271,12 @@ def test_a_grid_starts_its_longest_trials_first():
     from gvae.study.spec import load_study
 
     spec = load_study("studies/quick.yaml")
-    order = [point["model"] for point in longest_first(spec)]
+    order = [point["model"] for point in longest_first(spec, {"mnist5k": 784})]
     # WGAN: 5 critic steps + 1 generator step per iteration; VAE-GANs train three nets.
     seeds = len(spec.grid["seed"])
     assert order == [m for m in ("wgan", "vaegan", "cvaegan", "gan", "vae") for _ in range(seeds)]
+
+    # Stacked MNIST's images hold three digits: its trials first.
+    spec = load_study("studies/constraint.yaml")
+    points = longest_first(spec, {"mnist5k": 784, "stacked-mnist5k": 3 * 784})
+    assert [point["dataset"] for point in points] == ["stacked-mnist5k"] * 10 + ["mnist5k"] * 10

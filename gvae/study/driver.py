@@ -114,11 +114,13 @@ def _run_leased(
     verbose: bool,
 ) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
+    datasets = {name: load_dataset(name, data_root) for name in spec.datasets}
     # Each dataset's evaluator, trained here once if it is not cached (trials only load it).
     evaluator_states = {
-        name: load_or_train_evaluator(load_dataset(name, data_root), log=log).state()
-        for name in spec.datasets
+        name: load_or_train_evaluator(dataset, log=log).state()
+        for name, dataset in datasets.items()
     }
+    image_sizes = {name: math.prod(dataset.image_shape) for name, dataset in datasets.items()}
     # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
     # trials get the folder the driver found the data in.
     spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
@@ -145,7 +147,7 @@ def _run_leased(
     else:
         _write_spec(store, raw_spec)
         recorder = ParquetRecorder(store, spec.name, provenance())
-        tuner = _new_tuner(spec, trainable, store, recorder, verbose)
+        tuner = _new_tuner(spec, trainable, store, recorder, verbose, image_sizes)
     hide_tune_hints()
     _fit(tuner)
     trials = store.read(TRIALS)
@@ -316,18 +318,20 @@ def _set_output(tuner: tune.Tuner, spec: StudySpec, verbose: bool) -> None:
     run_config.verbose = 1 if verbose else 0
 
 
-def longest_first(spec: StudySpec) -> list[dict[str, Any]]:
+def longest_first(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
     """The grid's trials, the longest expected first, so no long trial starts last (the tail).
 
     Expected length: iterations x batch size x train steps per iteration (WGAN's n_critic critic
-    steps plus one) x the nets one step trains; only the order matters.
+    steps plus one) x the nets one step trains x the values in an image of the trial's dataset
+    (`image_sizes`, by name: the nets' outer layers grow with it); only the order matters.
     """
 
     def cost(fields: dict[str, Any]) -> float:
         config = TrialConfig.from_dict({**spec.base_config(), **fields}).resolved()
         steps = config.n_critic + 1 if config.model == "wgan" else 1
         nets = NETS_PER_STEP.get(config.model, 1)
-        return config.iterations * config.batch_size * steps * nets
+        size = image_sizes[config.dataset]
+        return config.iterations * config.batch_size * steps * nets * size
 
     return sorted(spec.grid_trials(), key=cost, reverse=True)  # stable: file order on ties
 
@@ -337,7 +341,12 @@ NETS_PER_STEP = {"gan": 2, "wgan": 2, "vae": 2, "vaegan": 3, "cvaegan": 3}
 
 
 def _new_tuner(
-    spec: StudySpec, trainable: Any, store: ResultsStore, recorder: ParquetRecorder, verbose: bool
+    spec: StudySpec,
+    trainable: Any,
+    store: ResultsStore,
+    recorder: ParquetRecorder,
+    verbose: bool,
+    image_sizes: dict[str, int],
 ) -> tune.Tuner:
     param_space: dict[str, Any] = dict(spec.base_config())
     tune_config: dict[str, Any] = {
@@ -347,7 +356,7 @@ def _new_tuner(
     }
     if spec.search_type == "grid":
         # Every grid point, in the order they start: Tune's own grid order is by key name.
-        points = longest_first(spec)
+        points = longest_first(spec, image_sizes)
         # Points may only set keys the space has; every point sets them all, so nothing is drawn.
         param_space["model"] = tune.choice(list(spec.models))
         param_space["dataset"] = tune.choice(list(spec.datasets))
