@@ -280,3 +280,20 @@ def test_a_grid_starts_its_longest_trials_first():
     spec = load_study("studies/constraint.yaml")
     points = longest_first(spec, {"mnist5k": 784, "stacked-mnist5k": 3 * 784})
     assert [point["dataset"] for point in points] == ["stacked-mnist5k"] * 10 + ["mnist5k"] * 10
+
+
+def test_the_eta_counts_down_between_trial_ends(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    progress = ConsoleProgress(5, params=("model", "seed"), stream=io.StringIO())
+    progress.setup()
+    first = trial(0)
+    first.status = "TERMINATED"
+    first.last_result = {"iteration": 60, "time_total_s": 60.0}
+    now[0] += 60.0
+    progress.on_trial_complete(0, [first], first)  # one of five ended after 60 s
+    assert progress.progress_line().endswith("1m00s elapsed  ETA 4m00s")
+    now[0] += 90.0  # none ended since: the estimate counts down instead of growing
+    assert progress.progress_line().endswith("2m30s elapsed  ETA 2m30s")
+    now[0] += 600.0
+    assert progress.progress_line().endswith("12m30s elapsed  ETA 0s")

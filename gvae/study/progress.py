@@ -46,6 +46,7 @@ class ConsoleProgress(Callback):
         self.start = time.monotonic()
         self.last_drawn = 0.0
         self.ended_this_run = 0
+        self.last_end = self.start
         self.ended = 0
         self.best: tuple[float, str] | None = None
         self.counts: dict[str, int] = {}
@@ -68,6 +69,7 @@ class ConsoleProgress(Callback):
     def setup(self, **info: Any) -> None:
         self.start = time.monotonic()  # a resumed study's ETA counts this run only
         self.ended_this_run = 0
+        self.last_end = self.start
         self.final = {}  # restored trials that ended before show as TERMINATED or ERROR
         self.counts = {}
 
@@ -117,6 +119,7 @@ class ConsoleProgress(Callback):
 
     def _trial_line(self, trials: list, trial: Any, status: str) -> None:
         self.ended_this_run += 1
+        self.last_end = time.monotonic()
         self.final[trial.trial_id] = status
         # Counted on from the last full count: recounting every trial at every end would cost
         # the driver O(trials^2) over a study.
@@ -172,7 +175,11 @@ class ConsoleProgress(Callback):
         elapsed = time.monotonic() - self.start
         remaining = max(self.total - self.ended, 0)
         if self.ended_this_run and remaining:
-            eta = f"ETA {_duration(elapsed / self.ended_this_run * remaining)}"
+            # The pace up to the last trial's end, counted down since: no ETA that grows while
+            # trials run and none ends.
+            since_last = time.monotonic() - self.last_end
+            pace = (self.last_end - self.start) / self.ended_this_run
+            eta = f"ETA {_duration(max(pace * remaining - since_last, 0.0))}"
         else:
             eta = "ETA --" if remaining else "done"
         best = f"best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
