@@ -61,10 +61,19 @@ def write_report(study: Study, folder: Path) -> Report:
 
 
 def _figures(report: Report, study: Study) -> list[str]:
-    """Figs. 3, 5, 8 and the sample grids (2, 4, 7), from the finished trials."""
-    trials = study.trials
+    """Figs. 3, 5, 8 and the sample grids (2, 4, 7), from the finished trials (of the first
+    dataset, in a study over several: entropies on 10 and on 1,000 modes do not share an axis)."""
+    trials, lines = study.trials, []
+    if len(study.spec.datasets) > 1:
+        shown = study.spec.datasets[0]
+        trials = trials[trials["dataset"] == shown]
+        lines += [
+            f"The figures and the per-image entropies below are those of the study's first "
+            f"dataset, {shown}; the tables above cover every dataset.",
+            "",
+        ]
     curves = figures.mode_entropy_curves(study.curves, trials)
-    lines = _figure(report, "mode_entropy_curves.png", curves, "Fig. 3: mode entropy by iteration")
+    lines += _figure(report, "mode_entropy_curves.png", curves, "Fig. 3: mode entropy by iteration")
 
     lines += ["## Per-image entropy (Figs. 5 and 8)", ""]
     entropy_table = tables.image_entropy_table(trials)
