@@ -11,6 +11,7 @@ with different core counts and are not skewed by other work on the remaining cor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -40,6 +41,7 @@ class Row:
     model: str
     rates: list[float]  # iterations per second, one per repeat
     flops: int  # FLOPs of one train_step
+    matmul_share: float  # of a train_step's CPU time, the share its matmuls take
     generate_s: float
     classify_s: float
 
@@ -128,6 +130,7 @@ def bench_model(
     for _ in range(warmup):
         model.train_step(batches)
     rates = [iterations / timed(train, device) for _ in range(repeats)]
+    matmul_share = matmul_time_share(train) if device.type == "cpu" else math.nan
 
     # The trainer's evaluation: fixed noise, generated in chunks, then classified at once.
     noise = torch.randn(
@@ -140,12 +143,28 @@ def bench_model(
 
     generate_s = timed(generate, device)
     classify_s = timed(lambda: evaluator.measure(images[0]), device)
-    return Row(name, rates, flops, generate_s, classify_s)
+    return Row(name, rates, flops, matmul_share, generate_s, classify_s)
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution")
+
+
+def matmul_time_share(train: Callable[[], None]) -> float:
+    """Share of the CPU time of `train` spent inside matmuls (and convolutions), by the profiler:
+    the step's FLOPs are theirs, so the step's rate is at most theirs divided by this share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        train()
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    inside = sum(event.self_cpu_time_total for event in events if event.key in MATMUL_OPS)
+    return inside / total if total else math.nan
 
 
 TABLE_HEADER = (
     f"{'model':<8} {'it/s':>8} {'min':>8} {'max':>8} {'spread':>7} {'MFLOP/it':>9} "
-    f"{'GFLOP/s':>8} {'of mm':>6} {'gen 10k s':>10} {'cls 10k s':>10}"
+    f"{'GFLOP/s':>8} {'of mm':>6} {'in mm':>6} {'mm own':>7} {'gen 10k s':>10} {'cls 10k s':>10}"
 )
 
 
@@ -156,7 +175,9 @@ def table_row(row: Row, limit_gflops: float) -> str:
     return (
         f"{row.model:<8} {median:>8.1f} {min(row.rates):>8.1f} {max(row.rates):>8.1f} "
         f"{spread:>7.1%} {row.flops / 1e6:>9.1f} {achieved:>8.2f} "
-        f"{achieved / limit_gflops:>6.1%} {row.generate_s:>10.3f} {row.classify_s:>10.3f}"
+        f"{achieved / limit_gflops:>6.1%} {row.matmul_share:>6.1%} "
+        f"{achieved / row.matmul_share / limit_gflops:>7.1%} "
+        f"{row.generate_s:>10.3f} {row.classify_s:>10.3f}"
     )
 
 

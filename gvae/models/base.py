@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -53,6 +54,14 @@ class GenerativeModel:
         # RMSprop has no fused kernel; foreach updates all tensors in a few kernel launches.
         return torch.optim.RMSprop(net.parameters(), lr=self.config.learning_rate, foreach=True)
 
+    def judge(self, critic: nn.Module, *batches: torch.Tensor) -> list[torch.Tensor]:
+        """The critic's (discriminator's) outputs for several batches, in one pass when it keeps
+        no batch statistics (the MLP): fewer, larger matmuls, and no gradient sums across passes.
+        Apart otherwise: batch norm would mix the statistics of real and generated images."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules()):
+            return [critic(batch) for batch in batches]
+        return list(critic(torch.cat(batches)).split([len(batch) for batch in batches]))
+
     def decode_logits(self, latent: torch.Tensor) -> torch.Tensor:
         """The generator's output before its final sigmoid: the decoder's logits per pixel."""
         out = latent
@@ -92,6 +101,20 @@ def fast_kernels(device: torch.device) -> dict[str, bool]:
     if device.type in _get_fused_kernels_supported_devices():
         return {"fused": True}
     return {"foreach": True}
+
+
+@contextmanager
+def frozen(net: nn.Module) -> Iterator[None]:
+    """The net's parameters record no gradient inside: the generator's loss goes through the
+    discriminator, whose weight gradients would be computed only to be zeroed before its step."""
+    parameters = [p for p in net.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
 
 
 def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:

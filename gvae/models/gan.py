@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gvae.losses import gan_discriminator_loss, gan_generator_loss
-from gvae.models.base import BatchSource, GenerativeModel, Losses, step
+from gvae.models.base import BatchSource, GenerativeModel, Losses, frozen, step
 from gvae.nets import Architecture, ImageShape
 
 
@@ -20,8 +20,9 @@ class GAN(GenerativeModel):
     def train_step(self, next_batch: BatchSource) -> Losses:
         real = next_batch()
         fake = self.generator(self.noise(real.shape[0]))
-        d_loss = gan_discriminator_loss(self.discriminator(real), self.discriminator(fake.detach()))
+        d_loss = gan_discriminator_loss(*self.judge(self.discriminator, real, fake.detach()))
         step(self.optimizers["discriminator"], d_loss)
-        g_loss = gan_generator_loss(self.discriminator(fake), self.config.gan_loss)
+        with frozen(self.discriminator):
+            g_loss = gan_generator_loss(self.discriminator(fake), self.config.gan_loss)
         step(self.optimizers["generator"], g_loss)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}

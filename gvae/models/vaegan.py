@@ -16,7 +16,7 @@ from gvae.losses import (
     reconstruction_loss_from_logits,
     reparameterise,
 )
-from gvae.models.base import BatchSource, GenerativeModel, Losses, step
+from gvae.models.base import BatchSource, GenerativeModel, Losses, frozen, step
 from gvae.nets import Architecture, ImageShape
 
 
@@ -46,14 +46,13 @@ class VAEGAN(GenerativeModel):
         reconstruction = torch.sigmoid(logits)
         fakes = torch.cat([reconstruction, self.generator(self.noise(real.shape[0]))])
 
-        d_loss = gan_discriminator_loss(
-            self.discriminator(real), self.discriminator(fakes.detach())
-        )
+        d_loss = gan_discriminator_loss(*self.judge(self.discriminator, real, fakes.detach()))
         step(self.optimizers["discriminator"], d_loss)
 
         recon_loss = reconstruction_loss_from_logits(logits, real)
         kl_loss = kl_to_standard_normal(mean, log_var)
-        gan_loss = gan_generator_loss(self.discriminator(fakes), self.config.gan_loss)
+        with frozen(self.discriminator):
+            gan_loss = gan_generator_loss(self.discriminator(fakes), self.config.gan_loss)
         step(self.optimizers["vae"], recon_loss + kl_loss + self.gan_term(gan_loss))
         return {
             "d_loss": d_loss.detach(),

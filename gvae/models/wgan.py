@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gvae.losses import wgan_critic_loss, wgan_generator_loss
-from gvae.models.base import BatchSource, GenerativeModel, Losses, step
+from gvae.models.base import BatchSource, GenerativeModel, Losses, frozen, step
 from gvae.nets import Architecture, ImageShape
 
 
@@ -25,10 +25,12 @@ class WGAN(GenerativeModel):
             real = next_batch()
             with torch.no_grad():
                 fake = self.generator(self.noise(real.shape[0]))
-            critic_loss = wgan_critic_loss(self.critic(real), self.critic(fake))
+            critic_loss = wgan_critic_loss(*self.judge(self.critic, real, fake))
             step(self.optimizers["critic"], critic_loss)
             self._clip_critic()
-        g_loss = wgan_generator_loss(self.critic(self.generator(self.noise(real.shape[0]))))
+        fake = self.generator(self.noise(real.shape[0]))
+        with frozen(self.critic):
+            g_loss = wgan_generator_loss(self.critic(fake))
         step(self.optimizers["generator"], g_loss)
         # The negated critic loss estimates the Wasserstein distance.
         return {"critic_loss": critic_loss.detach(), "g_loss": g_loss.detach()}

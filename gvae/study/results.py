@@ -102,10 +102,17 @@ class ResultsStore:
         """Replace a whole single-file table (small tables such as reproductions)."""
         write_parquet(self.location(table), rows)
 
-    def put(self, name: str, table: pa.Table) -> None:
-        """Write `table` as the Parquet file `name`, appearing whole or not at all."""
+    def put(self, name: str, table: pa.Table, fragment: bool = False) -> None:
+        """Write `table` as the Parquet file `name`, appearing whole or not at all.
+
+        A `fragment` (one trial's rows, rewritten at each of its events) is written without
+        dictionaries and column statistics, which serve large files only: 1.1 ms instead of
+        1.9 ms for a trial row with 10,000 image entropies."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        if fragment:
+            pq.write_table(table, sink, use_dictionary=False, write_statistics=False)
+        else:
+            pq.write_table(table, sink)
         data = sink.getvalue()
         path = self.path(name)
         if self.local:  # a rename is atomic on local disks; objects appear whole on close anyway
@@ -209,7 +216,7 @@ class FragmentedTable:
         if not rows:
             self.store.delete(path)
             return
-        self.store.put(path, self._as_schema(rows))
+        self.store.put(path, self._as_schema(rows), fragment=True)
 
     def _as_schema(self, rows: list[dict[str, Any]]) -> pa.Table:
         """The rows as a table of the table's schema, widening the schema when they need it."""
@@ -252,7 +259,7 @@ class FragmentedTable:
             by_trial.setdefault(row["trial_id"], []).append(row)
         for trial_id, rows in by_trial.items():
             fragment = conform(rows_table(rows), table.schema)
-            store.put(f"{self.name}/{fragment_name(trial_id)}", fragment)
+            store.put(f"{self.name}/{fragment_name(trial_id)}", fragment, fragment=True)
         store.delete(source)
         self.folder = True
 
