@@ -19,10 +19,12 @@ import pytest
 from ray import tune
 
 from gvae.evaluator import load_or_train_evaluator
+from gvae.study.checkpoints import delete_older_checkpoints, newest_checkpoint
 from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.results import CURVES, TRIALS, ResultsStore
 from gvae.study.trainable import move_arrays_into_checkpoint
+from gvae.trainer import CHECKPOINT_FILE
 from tests.raycluster import LocalRayCluster
 from tests.test_study import gvae, run_ok, tables, write_study
 
@@ -297,3 +299,20 @@ def test_the_eta_counts_down_between_trial_ends(monkeypatch):
     assert progress.progress_line().endswith("2m30s elapsed  ETA 2m30s")
     now[0] += 600.0
     assert progress.progress_line().endswith("12m30s elapsed  ETA 0s")
+
+
+def test_a_trial_resumes_from_and_keeps_its_newest_complete_checkpoint(tmp_path):
+    trial_folder = tmp_path / "train_trial_x"
+    for index, complete in [(0, True), (1, True), (2, False)]:  # 2: its file never arrived
+        folder = trial_folder / f"checkpoint_{index:06d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / CHECKPOINT_FILE).write_bytes(b"state")
+    restored = tune.Checkpoint.from_directory(trial_folder / "checkpoint_000000")
+    newest = newest_checkpoint(restored)  # Tune's snapshot pointed at an older one
+    assert Path(newest.path).name == "checkpoint_000001"
+    assert newest_checkpoint(newest).path == newest.path
+
+    deleted = delete_older_checkpoints(restored.filesystem, restored.path)
+    assert sorted(Path(path).name for path in deleted) == ["checkpoint_000000", "checkpoint_000002"]
+    assert [p.name for p in trial_folder.iterdir()] == ["checkpoint_000001"]

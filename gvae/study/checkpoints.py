@@ -1,12 +1,18 @@
-"""How many checkpoints a study keeps: two per running trial, one per ended trial.
+"""How many checkpoints a study keeps (two per running trial, one per ended trial), and which one
+a restarted trial resumes from.
 
 Tune forces a snapshot of its whole experiment state whenever a trial has saved `num_to_keep`
 checkpoints since the last snapshot (so that the snapshot never points at a checkpoint it deleted).
 A snapshot holds every trial, so with `num_to_keep=1` each evaluation of each trial rewrote a state
 that grows with the study: quadratic driver time. With two kept, a trial forces a snapshot only
 when it checkpoints twice within one snapshot period (10 s or more), and a study of short trials
-is snapshotted on Tune's own clock. Ended trials are trimmed to their last checkpoint when the
-study ends, after Tune's final snapshot, which no longer lists them as running.
+is snapshotted on Tune's own clock.
+
+The price: after a killed driver, Tune's last snapshot may point at a trial's checkpoint before
+its newest. Training is deterministic, so the newest complete checkpoint of the trial's folder is
+the same run further on: a trial resumes from it (`newest_checkpoint`), and one that had finished
+is not trained again. Ended trials are trimmed to that newest checkpoint when the driver's run
+ends, after Tune's final snapshot.
 """
 
 from __future__ import annotations
@@ -14,15 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow.fs as pafs
+from ray import tune
 from ray.tune import Callback
+
+from gvae.trainer import CHECKPOINT_FILE
 
 KEPT_WHILE_RUNNING = 2
 ENDED_STATUSES = ("TERMINATED", "ERROR")
 
 
 class KeepLastCheckpoint(Callback):
-    """At the end of a study (or of a driver's run of it), delete every checkpoint of an ended
-    trial but its last."""
+    """When a driver's run of a study ends, delete every checkpoint of an ended trial but its
+    newest."""
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials:
@@ -30,16 +39,43 @@ class KeepLastCheckpoint(Callback):
                 delete_older_checkpoints(trial.checkpoint.filesystem, trial.checkpoint.path)
 
 
-def delete_older_checkpoints(filesystem: pafs.FileSystem, latest: str) -> list[str]:
-    """Delete the `checkpoint_*` folders beside `latest` except it; return what was deleted."""
-    folder, _, name = latest.rstrip("/").rpartition("/")
-    siblings = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+def complete_checkpoints(filesystem: pafs.FileSystem, any_checkpoint: str) -> list[str]:
+    """The `checkpoint_*` folders of a trial that hold a checkpoint file, oldest first.
+
+    Files appear whole (S3 objects; Tune's local filesystem here writes each file whole), so a
+    folder with the file is a checkpoint a trial can resume from."""
+    folder = any_checkpoint.rstrip("/").rpartition("/")[0]
+    selector = pafs.FileSelector(folder, allow_not_found=True)
+    candidates = sorted(
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+    files = filesystem.get_file_info([f"{path}/{CHECKPOINT_FILE}" for path in candidates])
+    return [path for path, info in zip(candidates, files, strict=True) if info.size]
+
+
+def newest_checkpoint(checkpoint: tune.Checkpoint) -> tune.Checkpoint:
+    """The trial's newest complete checkpoint, which may be newer than the one Tune restored."""
+    found = complete_checkpoints(checkpoint.filesystem, checkpoint.path)
+    if not found or found[-1].rstrip("/") == checkpoint.path.rstrip("/"):
+        return checkpoint
+    return tune.Checkpoint(found[-1], filesystem=checkpoint.filesystem)
+
+
+def delete_older_checkpoints(filesystem: pafs.FileSystem, any_checkpoint: str) -> list[str]:
+    """Delete a trial's `checkpoint_*` folders but its newest complete one; return the deleted."""
+    complete = complete_checkpoints(filesystem, any_checkpoint)
+    if not complete:
+        return []
+    folder = any_checkpoint.rstrip("/").rpartition("/")[0]
+    selector = pafs.FileSelector(folder, allow_not_found=True)
     deleted = []
-    for info in siblings:
+    for info in filesystem.get_file_info(selector):
         if (
             info.type == pafs.FileType.Directory
             and info.base_name.startswith("checkpoint_")
-            and info.base_name != name
+            and info.path != complete[-1]
         ):
             filesystem.delete_dir(info.path)
             deleted.append(info.path)

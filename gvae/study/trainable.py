@@ -15,6 +15,7 @@ from ray import tune
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.evaluator import Evaluator
+from gvae.study.checkpoints import newest_checkpoint
 from gvae.study.replicates import SUGGESTION
 from gvae.trainer import Diverged, resolve_device, run_trial
 
@@ -47,6 +48,8 @@ def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, An
         )
 
     checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # Tune's snapshot may predate the trial's newest checkpoint
+        checkpoint = newest_checkpoint(checkpoint)
     try:
         if checkpoint is None:
             run_trial(config, report=report, evaluator=evaluator, log=_quiet)
