@@ -69,9 +69,13 @@ def tables(storage: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def checkpoints_per_trial(storage: Path, name: str) -> list[int]:
-    """How many checkpoint folders each trial of a study kept under Tune's experiment folder."""
-    trial_folders = sorted((storage / name / "tune").glob("train_trial_*"))
-    return [len(list(folder.glob("checkpoint_*"))) for folder in trial_folders]
+    """How many checkpoint folders each trial of the study's trials table kept in the folder
+    Tune last ran it in. (A trial a killed driver started after Tune's last snapshot is started
+    again under the same id in a folder named with a later time; the first stays, unknown.)"""
+    trial_ids = tables(storage, name)[0].trial_id
+    experiment = storage / name / "tune"
+    last_folders = [max(experiment.glob(f"train_trial_{trial_id}_*")) for trial_id in trial_ids]
+    return [len(list(folder.glob("checkpoint_*"))) for folder in last_folders]
 
 
 def test_grid_study_writes_both_tables(cluster, tmp_path):

@@ -17,6 +17,7 @@ ends, after Tune's final snapshot.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -36,7 +37,8 @@ class KeepLastCheckpoint(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials:
             if trial.status in ENDED_STATUSES and trial.checkpoint is not None:
-                delete_older_checkpoints(trial.checkpoint.filesystem, trial.checkpoint.path)
+                with contextlib.suppress(OSError):  # disk space only: never fail a study for it
+                    delete_older_checkpoints(trial.checkpoint.filesystem, trial.checkpoint.path)
 
 
 def complete_checkpoints(filesystem: pafs.FileSystem, any_checkpoint: str) -> list[str]:
@@ -57,7 +59,10 @@ def complete_checkpoints(filesystem: pafs.FileSystem, any_checkpoint: str) -> li
 
 def newest_checkpoint(checkpoint: tune.Checkpoint) -> tune.Checkpoint:
     """The trial's newest complete checkpoint, which may be newer than the one Tune restored."""
-    found = complete_checkpoints(checkpoint.filesystem, checkpoint.path)
+    try:
+        found = complete_checkpoints(checkpoint.filesystem, checkpoint.path)
+    except OSError:  # storage briefly unreachable: Tune's own choice still resumes the trial
+        return checkpoint
     if not found or found[-1].rstrip("/") == checkpoint.path.rstrip("/"):
         return checkpoint
     return tune.Checkpoint(found[-1], filesystem=checkpoint.filesystem)
