@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from ray.tune.search.optuna import OptunaSearch
 
 from gvae.io import StorageFull, atomic_local_filesystem, write_parquet
+from gvae.study.lease import StudyLease
 from gvae.study.trainable import permanent_failure
 from tests.raycluster import LocalRayCluster
 from tests.test_study import tables, write_study
@@ -227,6 +229,25 @@ def test_force_takes_a_study_over_and_the_first_driver_stops(cluster, tmp_path):
     trials, curves = tables(tmp_path, "takeover")
     assert len(trials) == 2 and set(trials.status) == {"finished"}
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+def test_force_waits_until_the_driver_it_took_the_study_from_has_stopped(tmp_path):
+    # The old driver goes on saving and pruning checkpoints until it has stopped; the new one must
+    # not restore the study's state before then.
+    first = StudyLease(str(tmp_path), "handover", log=lambda _: None)
+    first.acquire()  # a live driver of this process, heartbeat every 15 s
+    second = StudyLease(str(tmp_path), "handover", log=lambda _: None)
+    taking = threading.Thread(target=second.acquire, kwargs={"force": True})
+    taking.start()
+    time.sleep(1.0)
+    assert taking.is_alive()  # waiting for the first to stop
+    assert second.holder().token == second.token  # yet the study is already the second's
+    first.release()  # stopped: leaves its handover note
+    taking.join(timeout=5)
+    assert not taking.is_alive()
+    assert not (tmp_path / "driver.handover").exists()  # read and removed
+    second.release()
+    assert second.holder() is None
 
 
 # 6. Exit codes and Ctrl-C ----------------------------------------------------------------------

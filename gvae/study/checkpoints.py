@@ -27,16 +27,34 @@ from ray.tune import Callback
 from gvae.trainer import CHECKPOINT_FILE
 
 KEPT_WHILE_RUNNING = 2
-ENDED_STATUSES = ("TERMINATED", "ERROR")
 
 
 class KeepLastCheckpoint(Callback):
     """When a driver's run of a study ends, delete every checkpoint of an ended trial but its
-    newest."""
+    newest.
+
+    Ended means Tune reported the trial complete or failed for good. Status alone would not do:
+    an interrupted run marks its running trials TERMINATED, yet the saved state resumes them from
+    the checkpoint it points at, which must stay."""
+
+    def __init__(self) -> None:
+        self.ended: set[str] = set()
+        self.looked_at_restored = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.looked_at_restored:  # trials a resumed study's saved state says have ended
+            self.ended.update(t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR"))
+            self.looked_at_restored = True
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended.add(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.ended.add(trial.trial_id)  # called once retries are spent; resume leaves it failed
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials:
-            if trial.status in ENDED_STATUSES and trial.checkpoint is not None:
+            if trial.trial_id in self.ended and trial.checkpoint is not None:
                 with contextlib.suppress(OSError):  # disk space only: never fail a study for it
                     delete_older_checkpoints(trial.checkpoint.filesystem, trial.checkpoint.path)
 

@@ -3,8 +3,11 @@
 The driver that holds the lease rewrites `driver.lease` every `ttl / 4` seconds with a new expiry
 time. A second driver refuses the study while the lease is live. A driver that died without
 releasing it frees the study at once for drivers on its own host (its pid is gone) and after
-`ttl` seconds for the others; `--force` takes the lease over at once (the driver that loses it
-stops as if interrupted). Plain files through pyarrow's
+`ttl` seconds for the others. `--force` takes the lease over from a live one: the driver that
+loses it stops as if interrupted and leaves `driver.handover` when it has stopped, and the new
+driver starts only then (or once the old one's pid is gone from this host, or its lease has
+lapsed), so two drivers never run the study at once: the old one would go on saving and pruning
+checkpoints that the new one's restored state points at. Plain files through pyarrow's
 filesystems, so it works the same on local folders, shared mounts and S3. Expiry compares wall
 clocks: hosts that share a study should keep them in sync (NTP).
 """
@@ -26,6 +29,8 @@ from gvae.errors import GvaeError
 from gvae.io import join, read_bytes, resolve, write_bytes
 
 LEASE_FILE = "driver.lease"
+HANDOVER_FILE = "driver.handover"  # written by a driver that stopped because it was taken over
+POLL_SECONDS = 0.25
 # Long enough that a slow write to remote storage never lets a live lease lapse.
 DEFAULT_TTL_SECONDS = 60.0
 TTL_ENV = "GVAE_LEASE_SECONDS"
@@ -42,13 +47,15 @@ class Holder:
     def describe(self) -> str:
         return f"the driver on host {self.host}, pid {self.pid}, started {self.started}"
 
+    def on_this_host(self) -> bool:
+        return self.host == socket.gethostname()
+
     def alive(self) -> bool:
         """Within its lease, and, when it ran on this host, its process still there (a driver
         killed here frees the study at once; one on another host, when its lease lapses)."""
-        if self.expires <= time.time():
-            return False
-        if self.host != socket.gethostname():
-            return True
+        return self.expires > time.time() and (not self.on_this_host() or self.process_exists())
+
+    def process_exists(self) -> bool:
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -63,6 +70,7 @@ class StudyLease:
 
     def __init__(self, study_uri: str, name: str, log: Callable[[str], None] = print) -> None:
         self.location = join(study_uri, LEASE_FILE)
+        self.handover = join(study_uri, HANDOVER_FILE)
         self.name = name
         self.log = log
         self.ttl = float(os.environ.get(TTL_ENV, DEFAULT_TTL_SECONDS))
@@ -83,13 +91,17 @@ class StudyLease:
                     f"{self.ttl:g} s after its last heartbeat)"
                 )
             self.log(f"--force: taking study {self.name} over from {holder.describe()}")
+        else:
+            holder = None  # nobody to wait for
         self._write()
-        holder = self.holder()
-        if holder is None or holder.token != self.token:  # another driver wrote at the same time
-            who = holder.describe() if holder else "another driver"
+        current = self.holder()
+        if current is None or current.token != self.token:  # another driver wrote at the same time
+            who = current.describe() if current else "another driver"
             raise GvaeError(f"study: {self.name} was taken by {who} as this driver started")
         self._thread = threading.Thread(target=self._beat, name="gvae-lease", daemon=True)
         self._thread.start()
+        if holder is not None:
+            self._wait_until_stopped(holder)
 
     def release(self) -> None:
         """Stop the heartbeat and free the study, unless another driver took it over."""
@@ -100,11 +112,43 @@ class StudyLease:
         if holder is not None and holder.token == self.token:
             fs, path = resolve(self.location)
             fs.delete_file(path)
+        elif holder is not None:  # taken over: tell the new driver this one has stopped
+            write_bytes(self.handover, json.dumps({"token": self.token}).encode())
 
     def holder(self) -> Holder | None:
         data = read_bytes(self.location)
         record = json.loads(data) if data else {}
         return Holder(**record) if record else None
+
+    def _wait_until_stopped(self, old: Holder) -> None:
+        """Wait for the driver this one took the study from to stop: its handover note, its pid
+        gone from this host, or (on another host, where a dead driver leaves no note) its lease
+        lapsed. A live driver stops within a heartbeat plus the time Tune takes to save."""
+        give_up = max(old.expires, time.time() + self.ttl)  # elsewhere: its lease lapses first
+        while not self._stopped(old):
+            if time.time() > give_up:  # its pid still here after a whole lease: it hangs
+                self.release()
+                raise GvaeError(
+                    f"study: {old.describe()} did not stop within {self.ttl:g} s of --force; "
+                    f"kill that process (kill -9 {old.pid}), then run again"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def _stopped(self, old: Holder) -> bool:
+        if self._handed_over_by(old):
+            return True
+        if old.on_this_host():
+            return not old.process_exists()
+        return old.expires <= time.time()
+
+    def _handed_over_by(self, old: Holder) -> bool:
+        """Whether `old` left its handover note (which this removes)."""
+        data = read_bytes(self.handover)
+        if not data or json.loads(data).get("token") != old.token:
+            return False
+        fs, path = resolve(self.handover)
+        fs.delete_file(path)
+        return True
 
     def _write(self) -> None:
         holder = Holder(**{**asdict(self.me), "expires": time.time() + self.ttl})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,14 @@ def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, An
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         scalars = move_arrays_into_checkpoint(metrics, checkpoint_dir)
+        (checkpoint_dir / RESULT_FILE).write_text(json.dumps(scalars, default=str))
         tune.report(
             {**scalars, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
         )
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # Tune's snapshot may predate the trial's newest checkpoint
-        checkpoint = newest_checkpoint(checkpoint)
+    if checkpoint is not None:
+        checkpoint = _catch_up(checkpoint, context)
     try:
         if checkpoint is None:
             run_trial(config, report=report, evaluator=evaluator, log=_quiet)
@@ -73,6 +75,27 @@ def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, An
         # only way to fail it at once. The recorder marks it failed, the searcher as FAIL.
         tune.report({**context, "failed_error": reason})
 
+
+def _catch_up(checkpoint: tune.Checkpoint, context: dict[str, Any]) -> tune.Checkpoint:
+    """The checkpoint to resume from: the trial's newest, which a killed driver's last snapshot
+    (Tune's `checkpoint`) may predate by one evaluation. That evaluation is reported again, with
+    its checkpoint, so the tables and Tune's own record catch up (the recorder keeps one row per
+    iteration, so a repeat of one it saw replaces it)."""
+    newest = newest_checkpoint(checkpoint)
+    if newest.path == checkpoint.path:
+        return checkpoint
+    with tempfile.TemporaryDirectory(prefix="gvae-catch-up-") as directory:
+        newest.to_directory(directory)
+        saved = Path(directory) / RESULT_FILE
+        if not saved.exists():  # a checkpoint from before results were saved with them
+            return newest
+        result = json.loads(saved.read_text())
+        tune.report({**result, **context}, checkpoint=tune.Checkpoint.from_directory(directory))
+    return newest
+
+
+# Each checkpoint holds the scalars of the evaluation it was saved with, to report it again.
+RESULT_FILE = "result.json"
 
 # The final evaluation's per-image arrays (10,000 entropies, the sample grid) travel in the
 # checkpoint, not in the result: Tune keeps each trial's last result and its checkpoint's result in
