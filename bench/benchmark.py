@@ -11,13 +11,14 @@ with different core counts and are not skewed by other work on the remaining cor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,21 @@ def bench_model(
     return Row(name, rates, flops, matmul_share, generate_s, classify_s)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """The profiler's native library prints start, stop and device-probe lines to file
+    descriptor 2 whatever the log level; they would interleave with the table."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution")
 
 
@@ -154,7 +170,7 @@ def matmul_time_share(train: Callable[[], None]) -> float:
     the step's FLOPs are theirs, so the step's rate is at most theirs divided by this share."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as profiler:
         train()
     events = profiler.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
