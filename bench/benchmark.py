@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -196,29 +196,41 @@ TABLE_HEADER = (
 )
 
 
+class Layout(NamedTuple):
+    """A tensor operand's shape and strides, all a replayed matmul needs of it."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        extent = sum((size - 1) * step for size, step in zip(self.shape, self.stride, strict=True))
+        return torch.randn(extent + 1, device=device).as_strided(self.shape, self.stride)
+
+
 class MatmulRecorder(TorchDispatchMode):
-    """Records every matmul a step runs: its op and its operands' shapes and strides."""
+    """Records every matmul a step runs: its op, its operands' layouts and its other arguments."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[Any, list[Any]]] = []
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
         if func.overloadpacket in MATMUL_PACKETS:
-            self.calls.append((func, [_layout(a) for a in args]))
-        return func(*args, **(kwargs or {}))
+            self.calls.append(
+                (func, [_layout(a) for a in args], {k: _layout(v) for k, v in kwargs.items()})
+            )
+        return func(*args, **kwargs)
 
 
 def _layout(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.stride())
-    return value
+    return Layout(tuple(value.shape), value.stride()) if isinstance(value, torch.Tensor) else value
 
 
-def _tensor_like(layout: tuple[tuple[int, ...], tuple[int, ...]], device: torch.device):
-    shape, stride = layout
-    extent = sum((size - 1) * step for size, step in zip(shape, stride, strict=True)) + 1
-    return torch.randn(max(extent, 1), device=device).as_strided(shape, stride)
+def _operand(value: Any, device: torch.device) -> Any:
+    return value.tensor(device) if isinstance(value, Layout) else value
 
 
 def matmuls_alone_rate(
@@ -231,13 +243,13 @@ def matmuls_alone_rate(
     with recorder:
         model.train_step(batches)
     calls = [
-        (func, [_tensor_like(a, device) if isinstance(a, tuple) else a for a in args])
-        for func, args in recorder.calls
+        (func, [_operand(a, device) for a in args], {k: _operand(v, device) for k, v in kw.items()})
+        for func, args, kw in recorder.calls
     ]
 
     def replay() -> None:
-        for func, args in calls:
-            func(*args)
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
 
     for _ in range(5):
         replay()
