@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gvae.losses import (
     constrained_gan_term,
@@ -62,6 +63,20 @@ def test_reconstruction_loss_from_logits_is_the_same_loss():
         reconstruction_loss(torch.sigmoid(mixed), targets).item(), rel=1e-5
     )
     assert reconstruction_loss_from_logits(torch.full((1, 2), math.nan), images[0, 0]).isnan()
+
+
+def test_reconstruction_loss_from_logits_has_pytorchs_gradient_bit_for_bit():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 1, 28, 28, generator=generator) * 12  # saturated pixels included
+    images = torch.rand(64, 1, 28, 28, generator=generator).round()
+    ours = logits.clone().requires_grad_()
+    theirs = logits.clone().requires_grad_()
+    loss = reconstruction_loss_from_logits(ours, images)
+    reference = F.binary_cross_entropy_with_logits(theirs, images, reduction="sum") / 64
+    loss.backward()
+    reference.backward()
+    assert torch.equal(ours.grad, theirs.grad)
+    assert abs(loss.item() - reference.item()) <= 1.2e-7 * images[0].numel()
 
 
 @pytest.mark.parametrize(
