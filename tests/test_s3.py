@@ -183,3 +183,36 @@ def test_s3_that_cannot_be_used_stops_with_one_line_before_training(cluster, s3,
         "check the bucket name, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and "
         "endpoint_override (docs/cluster.md)"
     )
+
+
+def test_tables_read_while_the_driver_rewrites_them_on_s3(s3):
+    """S3 has no atomic rename: a reader that looked up an object's size may then read a newer,
+    differently sized version of it, or find a fragment gone. Reading the table again is safe."""
+    import threading
+
+    from gvae.study.results import FragmentedTable
+
+    store = ResultsStore(study_uri(storage(s3), "racing"))
+    table = FragmentedTable(store, TRIALS)
+    table.open()
+    stop = threading.Event()
+    writes = []
+
+    def rewrite() -> None:  # the driver: one trial's fragment and the schema keep changing size
+        while not stop.is_set():
+            n = len(writes)
+            table.write_trial("t0", [{"trial_id": "t0", "status": "running", f"c{n}": [0.5] * n}])
+            writes.append(n)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        while len(writes) < 1:
+            time.sleep(0.01)
+        for _ in range(60):
+            trials = store.read(TRIALS)
+            assert trials.trial_id.tolist() == ["t0"]
+    finally:
+        stop.set()
+        writer.join()
+    assert len(writes) > 20  # the reads really did race many rewrites

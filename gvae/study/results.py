@@ -23,6 +23,7 @@ row until the step is complete; `open` finishes or redoes an interrupted one.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +43,10 @@ CURVES = "curves.parquet"
 REPRODUCTIONS = "reproductions.parquet"
 SCHEMA_FILE = "00-schema.parquet"  # sorts before every `part-` fragment
 ROW_GROUP_ROWS = 1024  # rows per row group of a compacted table
-COMPACT_READERS = 8  # fragments read at once while compacting
-COMPACT_WINDOW = 64  # fragments held in memory at once while compacting
+FRAGMENT_READERS = 8  # fragments read at once (reading a table, compacting it)
+FRAGMENT_WINDOW = 64  # fragments held in memory at once
+READ_ATTEMPTS = 5  # reads of a table that changed under them (see ResultsStore.read_table)
+READ_RETRY_SECONDS = 0.1  # the wait before the second attempt; it grows by as much each time
 
 
 def study_uri(storage: str, name: str) -> str:
@@ -79,19 +82,57 @@ class ResultsStore:
         return self.kind(name) in (pafs.FileType.File, pafs.FileType.Directory)
 
     def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
-        """The table (a file or a dataset folder) as Arrow, or None when there is none yet."""
+        """The table (a file or a dataset folder) as Arrow, or None when there is none yet.
+
+        Safe while a driver writes it. On object stores, which replace files but cannot rename
+        them atomically, a fragment replaced while it is read comes back invalid and is read
+        again (`read_parquet_whole`). A fragment gone between the listing and its read (the table
+        was compacted, or a lost trial's rows removed) starts the read over, and a compaction
+        midway is read from the complete file it moves in place.
+        """
+        attempt = 1
+        while True:
+            try:
+                return self._read_table_once(table, columns)
+            except FileNotFoundError:
+                if attempt == READ_ATTEMPTS:
+                    raise
+                time.sleep(READ_RETRY_SECONDS * attempt)
+                attempt += 1
+
+    def _read_table_once(self, table: str, columns: list[str] | None) -> pa.Table | None:
         kind = self.kind(table)
+        if kind == pafs.FileType.NotFound:
+            compacted = compacted_name(table)  # complete, and about to be moved to `table`
+            if self.kind(compacted) == pafs.FileType.File:
+                table, kind = compacted, pafs.FileType.File
+            elif self.kind(table) != pafs.FileType.NotFound:  # the move happened meanwhile
+                raise FileNotFoundError(self.path(compacted))
         if kind == pafs.FileType.File:
             return pq.read_table(self.path(table), columns=columns, filesystem=self.fs)
         if kind != pafs.FileType.Directory:
             return None
-        schema_path = f"{self.path(table)}/{SCHEMA_FILE}"
-        if self.fs.get_file_info(schema_path).type != pafs.FileType.File:
-            return None
-        schema = pq.read_schema(schema_path, filesystem=self.fs)
-        dataset = ds.dataset(self.path(table), schema=schema, filesystem=self.fs, format="parquet")
-        names = [c for c in columns if c in schema.names] if columns else None
-        return dataset.to_table(columns=names)
+        folder = self.path(table)
+        fragments = self.fragment_paths(table)
+        try:
+            schema = read_parquet_whole(self.fs, f"{folder}/{SCHEMA_FILE}").schema
+        except FileNotFoundError:
+            if fragments:  # the folder is being removed by a compaction: read again
+                raise
+            return None  # created, its schema file not written yet
+        names = [c for c in columns if c in schema.names] if columns else schema.names
+        target = pa.schema([schema.field(name) for name in names])
+        tables = [conform(t, target) for t in read_fragments(self.fs, fragments, names)]
+        return pa.concat_tables(tables) if tables else target.empty_table()
+
+    def fragment_paths(self, table: str) -> list[str]:
+        """The `part-` files of a table's folder, in file-name (trial id) order."""
+        selector = pafs.FileSelector(self.path(table), allow_not_found=True)
+        return sorted(
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+        )
 
     def read(self, table: str) -> pd.DataFrame:
         """The table as a DataFrame (empty when it does not exist yet)."""
@@ -173,7 +214,7 @@ class FragmentedTable:
     # Paths of the two hidden siblings behind the multi-step changes.
     @property
     def _compacted(self) -> str:
-        return f".{self.name}.compacted"
+        return compacted_name(self.name)
 
     @property
     def _split(self) -> str:
@@ -276,20 +317,14 @@ class FragmentedTable:
         if not self.folder or not self.written:
             return
         store = self.store
-        folder = store.path(self.name)
-        selector = pafs.FileSelector(folder)
-        files = sorted(
-            info.path
-            for info in store.fs.get_file_info(selector)
-            if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
-        )
+        files = store.fragment_paths(self.name)
         partial = f"{self._compacted}.partial"
         with (
             store.fs.open_output_stream(store.path(partial)) as stream,
             pq.ParquetWriter(stream, self.schema) as writer,
         ):
             pending: list[pa.Table] = []
-            for fragment in self._fragments_in_order(files):
+            for fragment in read_fragments(store.fs, files):
                 pending.append(conform(fragment, self.schema))
                 if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
@@ -303,11 +338,45 @@ class FragmentedTable:
         self.folder = False
         self.written = False
 
-    def _fragments_in_order(self, paths: list[str]) -> Iterator[pa.Table]:
-        """The fragments, in the order given, read by several threads: a read waits on the disk
-        or, on object stores, on a round trip per file, and pyarrow reads without the GIL."""
-        fs = self.store.fs
-        with ThreadPoolExecutor(COMPACT_READERS) as pool:
-            for start in range(0, len(paths), COMPACT_WINDOW):
-                window = paths[start : start + COMPACT_WINDOW]
-                yield from pool.map(lambda path: pq.read_table(path, filesystem=fs), window)
+
+def compacted_name(table: str) -> str:
+    """The hidden sibling that holds a table's compacted file until it is moved in place."""
+    return f".{table}.compacted"
+
+
+def read_parquet_whole(
+    fs: pafs.FileSystem, path: str, columns: list[str] | None = None
+) -> pa.Table:
+    """A small Parquet file, read into memory and parsed there; `columns` it lacks are left out
+    (a fragment written before they existed).
+
+    On object stores the read learns the size first, then fetches the bytes: a file replaced in
+    between comes back as no valid Parquet file, and is read again (see ResultsStore.read_table).
+    Raises FileNotFoundError when the file is gone."""
+    attempt = 1
+    while True:
+        try:
+            with fs.open_input_stream(path) as stream:
+                parquet = pq.ParquetFile(pa.BufferReader(stream.readall()))
+            break
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowInvalid, OSError):
+            if attempt == READ_ATTEMPTS:
+                raise
+            time.sleep(READ_RETRY_SECONDS * attempt)
+            attempt += 1
+    present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+    return parquet.read(columns=present)
+
+
+def read_fragments(
+    fs: pafs.FileSystem, paths: list[str], columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """The fragments, in the order given, read by several threads: a read waits on the disk or,
+    on object stores, on a round trip per file, and pyarrow reads without the GIL. A window of
+    them is held in memory at a time."""
+    with ThreadPoolExecutor(FRAGMENT_READERS) as pool:
+        for start in range(0, len(paths), FRAGMENT_WINDOW):
+            window = paths[start : start + FRAGMENT_WINDOW]
+            yield from pool.map(lambda path: read_parquet_whole(fs, path, columns), window)
