@@ -223,6 +223,26 @@ def test_an_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / TRIALS), rows)
 
 
+def test_a_reader_gets_every_row_while_a_compaction_or_a_split_is_midway(tmp_path):
+    store = ResultsStore(str(tmp_path))
+    recorder = ParquetRecorder(store, "s", {"v": "1"})
+    for index in range(3):
+        run_events(recorder, trial(index))
+    rows = store.read(TRIALS)
+    folder, compacted = tmp_path / TRIALS, tmp_path / ".trials.parquet.compacted"
+    recorder.compact()
+    # A compaction midway: the folder is gone, the complete file not yet moved in place.
+    (tmp_path / TRIALS).rename(compacted)
+    pd.testing.assert_frame_equal(store.read(TRIALS), rows)
+    # A split midway: the file moved aside, the folder holding one trial's fragment so far.
+    compacted.rename(tmp_path / ".trials.parquet.split")
+    folder.mkdir()
+    one = pq.read_table(tmp_path / ".trials.parquet.split").slice(0, 1)
+    pq.write_table(one.schema.empty_table(), folder / "00-schema.parquet")
+    pq.write_table(one, folder / f"part-{trial(0).trial_id}.parquet")
+    pd.testing.assert_frame_equal(store.read(TRIALS), rows)
+
+
 def test_a_diverged_and_a_failed_trial_are_recorded_and_printed(tmp_path):
     recorder = ParquetRecorder(ResultsStore(str(tmp_path)), "s", {"v": "1"})
     out = io.StringIO()  # not a terminal: plain lines, the progress line at the end

@@ -88,7 +88,8 @@ class ResultsStore:
         them atomically, a fragment replaced while it is read comes back invalid and is read
         again (`read_parquet_whole`). A fragment gone between the listing and its read (the table
         was compacted, or a lost trial's rows removed) starts the read over, and a compaction
-        midway is read from the complete file it moves in place.
+        midway is read from the complete file it moves in place, a split midway from the file
+        it splits.
         """
         attempt = 1
         while True:
@@ -101,6 +102,9 @@ class ResultsStore:
                 attempt += 1
 
     def _read_table_once(self, table: str, columns: list[str] | None) -> pa.Table | None:
+        split = split_name(table)  # every row, while a split fills the folder (or was cut short)
+        if self.kind(split) == pafs.FileType.File:
+            return pq.read_table(self.path(split), columns=columns, filesystem=self.fs)
         kind = self.kind(table)
         if kind == pafs.FileType.NotFound:
             compacted = compacted_name(table)  # complete, and about to be moved to `table`
@@ -218,7 +222,7 @@ class FragmentedTable:
 
     @property
     def _split(self) -> str:
-        return f".{self.name}.split"
+        return split_name(self.name)
 
     def open(self) -> None:
         """Finish an interrupted compaction or split, then learn the table's current schema."""
@@ -342,6 +346,11 @@ class FragmentedTable:
 def compacted_name(table: str) -> str:
     """The hidden sibling that holds a table's compacted file until it is moved in place."""
     return f".{table}.compacted"
+
+
+def split_name(table: str) -> str:
+    """The hidden sibling that holds a single-file table while it is split into fragments."""
+    return f".{table}.split"
 
 
 def read_parquet_whole(
