@@ -33,6 +33,9 @@ class StorageFull(OSError):
         self.location = location
 
 
+CHECKPOINT_FILE = "checkpoint.pt"  # what a checkpoint folder holds (gvae.trainer writes it)
+
+
 def is_full(error: BaseException) -> bool:
     """Whether the error (or one it was raised from) means the storage is full."""
     seen: BaseException | None = error

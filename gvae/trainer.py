@@ -21,9 +21,9 @@ import torch
 from gvae.config import TrialConfig
 from gvae.data import BatchSampler, StreamedBatches, load_dataset, training_batches
 from gvae.evaluation import Evaluator, load_or_train_evaluator
+from gvae.io import CHECKPOINT_FILE
 from gvae.models import MODELS, GenerativeModel
 
-CHECKPOINT_FILE = "checkpoint.pt"
 GRID_SIZE = 100  # a 10x10 grid of samples per evaluation
 SAMPLE_CHUNK = 1000  # generate evaluation samples in chunks to bound memory
 

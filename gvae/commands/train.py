@@ -12,7 +12,7 @@ from typing import Any
 
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
-from gvae.io import write_json, write_parquet
+from gvae.io import CHECKPOINT_FILE, write_json, write_parquet
 
 FIELD_HELP = {
     "model": "gan | wgan | vae | vaegan | cvaegan",
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported once the arguments are checked: torch takes 2 s, which neither `gvae --help` nor a
     # mistyped option should wait for.
     from gvae.data import load_dataset
-    from gvae.trainer import CHECKPOINT_FILE, Diverged, run_trial
+    from gvae.trainer import Diverged, run_trial
 
     load_dataset(config.dataset, config.data_root)  # a missing dataset fails before any write
 
@@ -91,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_out(out: Path, resume: bool) -> Path | None:
     """Fail before writing anything when --out cannot be used; return the checkpoint to resume."""
-    from gvae.trainer import CHECKPOINT_FILE
-
     existing = next(parent for parent in [out, *out.parents] if parent.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise GvaeError(f"--out: {existing} is not a writable folder; pass an --out you can write")
@@ -118,8 +116,6 @@ class _OutReporter:
             self.rows = pd.read_parquet(out / "curve.parquet").to_dict("records")
 
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        from gvae.trainer import CHECKPOINT_FILE
-
         row = {k: v for k, v in metrics.items() if k not in _ARRAYS}
         self.rows = [r for r in self.rows if r["iteration"] < row["iteration"]] + [row]
         tmp = self.out / f".{CHECKPOINT_FILE}.tmp"

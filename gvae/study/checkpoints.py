@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 from ray import tune
 from ray.tune import Callback
 
-from gvae.trainer import CHECKPOINT_FILE
+from gvae.io import CHECKPOINT_FILE
 
 KEPT_WHILE_RUNNING = 2
 

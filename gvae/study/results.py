@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -47,6 +47,8 @@ FRAGMENT_READERS = 8  # fragments read at once (reading a table, compacting it)
 FRAGMENT_WINDOW = 64  # fragments held in memory at once
 READ_ATTEMPTS = 5  # reads of a table that changed under them (see ResultsStore.read_table)
 READ_RETRY_SECONDS = 0.1  # the wait before the second attempt; it grows by as much each time
+
+T = TypeVar("T")
 
 
 def study_uri(storage: str, name: str) -> str:
@@ -91,15 +93,7 @@ class ResultsStore:
         midway is read from the complete file it moves in place, a split midway from the file
         it splits.
         """
-        attempt = 1
-        while True:
-            try:
-                return self._read_table_once(table, columns)
-            except FileNotFoundError:
-                if attempt == READ_ATTEMPTS:
-                    raise
-                time.sleep(READ_RETRY_SECONDS * attempt)
-                attempt += 1
+        return retried(lambda: self._read_table_once(table, columns), FileNotFoundError)
 
     def _read_table_once(self, table: str, columns: list[str] | None) -> pa.Table | None:
         split = split_name(table)  # every row, while a split fills the folder (or was cut short)
@@ -362,19 +356,13 @@ def read_parquet_whole(
     On object stores the read learns the size first, then fetches the bytes: a file replaced in
     between comes back as no valid Parquet file, and is read again (see ResultsStore.read_table).
     Raises FileNotFoundError when the file is gone."""
-    attempt = 1
-    while True:
-        try:
-            with fs.open_input_stream(path) as stream:
-                parquet = pq.ParquetFile(pa.BufferReader(stream.readall()))
-            break
-        except FileNotFoundError:
-            raise
-        except (pa.ArrowInvalid, OSError):
-            if attempt == READ_ATTEMPTS:
-                raise
-            time.sleep(READ_RETRY_SECONDS * attempt)
-            attempt += 1
+
+    def parse() -> pq.ParquetFile:
+        with fs.open_input_stream(path) as stream:
+            return pq.ParquetFile(pa.BufferReader(stream.readall()))
+
+    # A file gone (an OSError too) stays gone: the caller decides what that means.
+    parquet = retried(parse, (pa.ArrowInvalid, OSError), but_not=FileNotFoundError)
     present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
     return parquet.read(columns=present)
 
@@ -389,3 +377,20 @@ def read_fragments(
         for start in range(0, len(paths), FRAGMENT_WINDOW):
             window = paths[start : start + FRAGMENT_WINDOW]
             yield from pool.map(lambda path: read_parquet_whole(fs, path, columns), window)
+
+
+def retried(
+    call: Callable[[], T],
+    errors: type[BaseException] | tuple[type[BaseException], ...],
+    but_not: type[BaseException] | tuple[type[BaseException], ...] = (),
+) -> T:
+    """`call()`, called again after a growing pause when it raises one of `errors` (other than
+    `but_not`), up to READ_ATTEMPTS times in all: a read that met a table the driver changed."""
+    for attempt in range(1, READ_ATTEMPTS):
+        try:
+            return call()
+        except but_not:
+            raise
+        except errors:
+            time.sleep(READ_RETRY_SECONDS * attempt)
+    return call()
