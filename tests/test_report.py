@@ -298,7 +298,7 @@ def test_report_of_an_optuna_study(storage, tmp_path, capsys):
         len(trials) == 6
         and trials.groupby("suggestion").seed.apply(sorted).map(lambda seeds: seeds == [0, 1]).all()
     )
-    best = pd.read_csv(tmp_path / "best_suggestions.csv")
+    best = pd.read_csv(tmp_path / "best_suggestions.csv", dtype={"suggestion": str})
     objectives = {"final_mode_entropy": "max", "final_mean_image_entropy": "min"}
     done = trials[trials["status"] == "finished"]
     means = done.groupby("suggestion")[list(objectives)].mean().reset_index()
