@@ -20,6 +20,7 @@ import torch
 
 from gvae.config import TrialConfig
 from gvae.data import BatchSampler, StreamedBatches, load_dataset, training_batches
+from gvae.divergence import DivergenceWatch
 from gvae.evaluation import Evaluator, load_or_train_evaluator
 from gvae.io import CHECKPOINT_FILE
 from gvae.models import MODELS, GenerativeModel
@@ -30,15 +31,6 @@ SAMPLE_CHUNK = 1000  # generate evaluation samples in chunks to bound memory
 # report(metrics, checkpoint_dir): the directory lives only for the duration of the call, so the
 # callee must copy what it keeps (Ray Tune's report does exactly that).
 Reporter = Callable[[dict[str, Any], Path], None]
-
-
-class Diverged(Exception):
-    """A loss became NaN or infinite; the trial cannot continue."""
-
-    def __init__(self, iteration: int, losses: dict[str, float]) -> None:
-        super().__init__(f"losses not finite at iteration {iteration}: {losses}")
-        self.iteration = iteration
-        self.losses = losses
 
 
 @dataclass
@@ -105,19 +97,20 @@ def run_trial(
 
     final: dict[str, Any] = {}
     loss_sums: dict[str, torch.Tensor] = {}
-    window_iterations, window_seconds = 0, 0.0
+    watch = DivergenceWatch.for_device(device)
+    window_iterations, window_start = 0, time.perf_counter()
     try:
         for iteration in range(start + 1, config.iterations + 1):
-            tick = time.perf_counter()
             losses = model.train_step(batches)
-            _check_finite(losses, iteration)
+            watch.record(iteration, losses)
             for name, value in losses.items():
                 loss_sums[name] = loss_sums.get(name, 0.0) + value
             window_iterations += 1
-            window_seconds += time.perf_counter() - tick
 
             if iteration % config.eval_every and iteration != config.iterations:
                 continue
+            watch.check()  # waits for the window's steps, so the time below is theirs
+            window_seconds = time.perf_counter() - window_start
             row, final = _evaluate(model, evaluator, eval_noise, iteration)
             row.update(
                 {name: float(total) / window_iterations for name, total in loss_sums.items()}
@@ -128,7 +121,7 @@ def run_trial(
             if out_dir is not None:
                 _save_grid(final["grid_images"], out_dir / f"samples_{iteration:07d}.png")
             _checkpoint_and_report(model, batches, device, iteration, curve, row, final, report)
-            loss_sums, window_iterations, window_seconds = {}, 0, 0.0
+            loss_sums, window_iterations, window_start = {}, 0, time.perf_counter()
     finally:
         batches.close()  # stops the decoding workers of a streamed dataset
 
@@ -143,12 +136,6 @@ def run_trial(
         reference=evaluator.reference.scalars(),
         mode_attributes=evaluator.mode_attributes,
     )
-
-
-def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    values = torch.stack(list(losses.values()))
-    if not bool(torch.isfinite(values).all()):
-        raise Diverged(iteration, {name: float(value) for name, value in losses.items()})
 
 
 @torch.no_grad()

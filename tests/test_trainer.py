@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gvae.config import MODEL_NAMES, TrialConfig
-from gvae.trainer import CHECKPOINT_FILE, Diverged, run_trial
+from gvae.divergence import Diverged
+from gvae.trainer import CHECKPOINT_FILE, run_trial
 
 TINY = dict(iterations=20, eval_every=10, eval_samples=300, batch_size=16)
 

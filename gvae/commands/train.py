@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     # Imported once the arguments are checked: torch takes 2 s, which neither `gvae --help` nor a
     # mistyped option should wait for.
     from gvae.data import load_dataset
-    from gvae.trainer import Diverged, run_trial
+    from gvae.divergence import Diverged
+    from gvae.trainer import run_trial
 
     load_dataset(config.dataset, config.data_root)  # a missing dataset fails before any write
 

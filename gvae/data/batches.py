@@ -40,7 +40,12 @@ class BatchSampler:
 
     def _index(self) -> torch.Tensor:
         index = torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
-        return index.to(self.images.device)
+        if self.images.device.type == "cpu":
+            return index
+        # From pinned memory the copy is queued like a kernel; from pageable memory the host
+        # would wait for the GPU at every batch. The indices come from the CPU generator either
+        # way, so a trial draws the same batches on every device.
+        return index.pin_memory().to(self.images.device, non_blocking=True)
 
     def __call__(self) -> torch.Tensor:
         return self.images[self._index()]
@@ -143,7 +148,7 @@ class StreamedBatches:
         images, labels = next(self._batches)
         self.drawn += 1
         images = images.to(self.device, non_blocking=True).float().div_(255.0)
-        return images, labels.to(self.device)
+        return images, labels.to(self.device, non_blocking=True)
 
     def __call__(self) -> torch.Tensor:
         return self.next_with_labels()[0]

@@ -14,11 +14,12 @@ import torch
 from ray import tune
 
 from gvae.config import TrialConfig
+from gvae.divergence import Diverged
 from gvae.errors import GvaeError
 from gvae.evaluator import Evaluator
 from gvae.study.checkpoints import newest_checkpoint
 from gvae.study.replicates import SUGGESTION
-from gvae.trainer import Diverged, resolve_device, run_trial
+from gvae.trainer import resolve_device, run_trial
 
 
 def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, Any]]) -> None:
