@@ -1,0 +1,114 @@
+"""The CUDA path: determinism, resume, moving between devices, the evaluator, `gvae reproduce`.
+
+Marked `cuda` and skipped where torch finds no CUDA device; `bench/gpu_check.sh` runs them on a
+GPU machine (`pytest -m cuda`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from gvae.cli import main
+from gvae.config import TrialConfig
+from gvae.data import load_dataset
+from gvae.evaluation import load_or_train_evaluator
+from gvae.trainer import CHECKPOINT_FILE, run_trial
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TINY = dict(iterations=20, eval_every=10, eval_samples=300, batch_size=16)
+DROP = {"iterations_per_second", "eval_seconds"}  # timings, the only fields allowed to differ
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def tiny(model: str, device: str = "cuda", **overrides) -> TrialConfig:
+    return TrialConfig(model=model, device=device, **{**TINY, **overrides}).validate()
+
+
+def numbers(outcome) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in DROP} for row in outcome.curve]
+
+
+def keep_checkpoint(target: Path):
+    def report(_metrics, directory: Path) -> None:
+        (target / CHECKPOINT_FILE).write_bytes((directory / CHECKPOINT_FILE).read_bytes())
+
+    return report
+
+
+@pytest.mark.parametrize("model", ["gan", "wgan", "vae", "vaegan", "cvaegan"])
+def test_a_trial_is_deterministic_on_cuda(model):
+    first = run_trial(tiny(model), log=quiet)
+    second = run_trial(tiny(model), log=quiet)
+    assert first.device.startswith("cuda")
+    assert numbers(first) == numbers(second)
+    assert first.final["image_entropies"] == second.final["image_entropies"]
+
+
+@pytest.mark.parametrize("model", ["wgan", "cvaegan"])
+def test_a_trial_resumes_from_its_checkpoint_on_cuda(model, tmp_path):
+    straight = run_trial(tiny(model), log=quiet)
+    run_trial(tiny(model, iterations=10), report=keep_checkpoint(tmp_path), log=quiet)
+    resumed = run_trial(tiny(model), resume_from=tmp_path, log=quiet)
+    assert [row["iteration"] for row in resumed.curve] == [10, 20]
+    assert numbers(resumed)[-1] == numbers(straight)[-1]
+    assert resumed.final["image_entropies"] == straight.final["image_entropies"]
+
+
+@pytest.mark.parametrize(("written_on", "resumed_on"), [("cpu", "cuda"), ("cuda", "cpu")])
+def test_a_checkpoint_written_on_one_device_resumes_on_the_other(written_on, resumed_on, tmp_path):
+    run_trial(
+        tiny("cvaegan", written_on, iterations=10), report=keep_checkpoint(tmp_path), log=quiet
+    )
+    first = run_trial(tiny("cvaegan", resumed_on), resume_from=tmp_path, log=quiet)
+    again = run_trial(tiny("cvaegan", resumed_on), resume_from=tmp_path, log=quiet)
+    assert first.device.startswith(resumed_on)
+    assert [row["iteration"] for row in first.curve] == [10, 20]
+    assert numbers(first) == numbers(again)  # deterministic on the new device too
+    losses = [value for key, value in first.curve[-1].items() if key.endswith("_loss")]
+    assert losses and torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_the_evaluator_measures_on_cuda_as_on_the_cpu():
+    dataset = load_dataset("mnist5k")
+    evaluator = load_or_train_evaluator(dataset, log=quiet)
+    images = dataset.test_images[:2000]
+    on_cpu = evaluator.to("cpu").measure(images)
+    on_gpu = evaluator.to("cuda").measure(images.to("cuda"))
+    agree = (on_cpu.labels.cpu() == on_gpu.labels.cpu()).float().mean().item()
+    assert agree >= 0.999
+    assert on_gpu.scalars()["mean_image_entropy"] == pytest.approx(
+        on_cpu.scalars()["mean_image_entropy"], abs=1e-3
+    )
+
+
+def test_gvae_reproduce_gives_identical_numbers_on_the_same_gpu(tmp_path, capsys):
+    import ray
+
+    study = tmp_path / "gpu.yaml"
+    study.write_text(
+        "name: gpu\ndataset: mnist5k\nmodels: [gan, cvaegan]\niterations: 40\neval_every: 20\n"
+        "fixed: {batch_size: 16, eval_samples: 300, device: cuda}\n"
+        "search: {grid: {seed: [0]}}\nresources: {cpus: 1, gpus: 0.5}\n"
+    )
+    storage = str(tmp_path / "results")
+    try:
+        assert main(["study", "run", str(study), "--storage", storage]) == 0
+    finally:
+        ray.shutdown()
+    capsys.readouterr()
+    assert main(["reproduce", "gpu", "--storage", storage]) == 0
+    printed = capsys.readouterr().out
+    assert "identical to the recorded trial" in printed, printed
+    row = pd.read_parquet(Path(storage) / "gpu" / "reproductions.parquet").iloc[-1]
+    assert row["identical"] and row["same_device"] and str(row["device"]).startswith("cuda")
