@@ -5,8 +5,9 @@
 #   bash bench/gpu_check.sh [RESULTS]        (RESULTS defaults to $OUT)
 #
 # Setup follows README (a venv with `pip install -e '.[dev]'`). On a machine without internet,
-# put the wheels of what its Python lacks in .whl/: the venv then sees the machine's own CUDA
-# build of torch (--system-site-packages) and installs the rest from .whl/ offline.
+# put the wheels of what its Python lacks in .whl/: they are installed offline into .gpu-site,
+# beside the machine's own CUDA build of torch, and used from there.
+# GPU_CHECK_PARTS="setup tests ..." runs only the parts named (setup is needed once per machine).
 # Every part has a time limit and the whole run a deadline (GPU_CHECK_SECONDS, 570 s): a part
 # that would not fit is skipped and says so, and one that fails does not stop the others.
 set -uo pipefail
@@ -16,11 +17,17 @@ mkdir -p "$results"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 GVAE_CACHE=${GVAE_CACHE:-$PWD/.gvae-cache} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-570}))
-venv=.venv-gpu
+export venv=.venv-gpu py=.venv-gpu/bin/python
+if [[ -d .whl ]]; then  # the machine's own Python (its CUDA torch) plus the wheels, no venv
+    export py=python3 PYTHONPATH=$PWD/.gpu-site:$PYTHONPATH
+fi
 
 part() {  # part NAME LIMIT COMMAND...: run with a limit, log to RESULTS/NAME.log
     local name=$1 limit=$2 left=$((deadline - SECONDS))
     shift 2
+    if [[ -n ${GPU_CHECK_PARTS:-} && " $GPU_CHECK_PARTS " != *" $name "* ]]; then
+        return  # not among the parts asked for
+    fi
     if ((left < 20)); then
         echo "== $name: skipped, ${left}s left of the deadline" | tee "$results/$name.log"
         return
@@ -28,6 +35,10 @@ part() {  # part NAME LIMIT COMMAND...: run with a limit, log to RESULTS/NAME.lo
     ((limit > left - 5)) && limit=$((left - 5))
     echo "== $name (limit ${limit}s) at $(date +%T)"
     local start=$SECONDS
+    if declare -F "$1" > /dev/null; then  # a function of this script: run it in a child bash
+        export -f "$1"
+        set -- bash -c "$1"
+    fi
     timeout -k 5 "$limit" "$@" > "$results/$name.log" 2>&1
     local code=$?
     echo "== $name: exit $code after $((SECONDS - start))s"
@@ -36,23 +47,20 @@ part() {  # part NAME LIMIT COMMAND...: run with a limit, log to RESULTS/NAME.lo
 
 setup() {
     if [[ -d .whl ]]; then
-        python3 -m venv --system-site-packages "$venv" &&
-            "$venv/bin/pip" install -q --no-index --no-deps .whl/*.whl &&
-            "$venv/bin/pip" install -q --no-index --no-deps --no-build-isolation -e .
+        python3 -m pip install -q --no-index --no-deps --target .gpu-site .whl/*.whl || return
     else
-        python3 -m venv "$venv" && "$venv/bin/pip" install -q -e '.[dev]'
-    fi || return
+        python3 -m venv "$venv" && "$venv/bin/pip" install -q -e '.[dev]' || return
+    fi
     nvidia-smi
-    "$venv/bin/python" -c 'import torch, ray, optuna, gvae; print("torch", torch.__version__,
+    "$py" -c 'import torch, ray, optuna, gvae; print("torch", torch.__version__,
         "cuda", torch.version.cuda, torch.cuda.get_device_name(0), "| ray", ray.__version__,
         "| optuna", optuna.__version__)'
 }
 
-py=$venv/bin/python
 part setup 150 setup
 part tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
-part gpu_step 100 "$py" bench/gpu_step.py --iterations 200 --repeats 3
-part packing 170 "$py" bench/packing_benchmark.py --storage "$PWD/.packing"
-part compile 90 "$py" bench/gpu_step.py --models gan --stacks --compile --iterations 200
+part gpu_step 110 "$py" bench/gpu_step.py --iterations 100 --repeats 3
+part packing 220 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200
+part compile 90 "$py" bench/gpu_step.py --models gan --stacks --compile --iterations 100
 echo "== done at $(date +%T), ${SECONDS}s"

@@ -10,13 +10,16 @@ Run as `python bench/gpu_step.py [--iterations 300] [--models ...] [--stacks 1 8
    - `graph`: the whole step captured once as a CUDA graph and replayed (capturable optimisers,
      batches copied into the graph's input buffers); `graph = async` says whether its parameters
      after the same steps are bit-identical to the eager step's, `graph det` whether two graph
-     runs agree bit for bit;
+     runs agree bit for bit; `waited det` and `waited = async` the same with the host waiting for
+   the GPU after every replay (a race between the host and the queued replays shows as a
+   difference between the two);
    - `compile`: `torch.compile(mode="reduce-overhead")` of the step (with `--compile`), and the
      seconds its compilation took.
 2. The paper's MLP GAN stacked K times: K models trained in lockstep as one batched computation
    (weights [K, in, out], `baddbmm`), eager and as a CUDA graph, in model-iterations per second.
 
-On the CPU only the eager columns and the eager stack run.
+`--capture-stream warmup` and `--deterministic` try two suspected causes of the graphs'
+nondeterminism (see bench/README.md). On the CPU only the eager columns and the eager stack run.
 """
 
 from __future__ import annotations
@@ -132,6 +135,9 @@ def batches_per_step(model_step: Callable[[Callable], object], source: Callable)
     return count
 
 
+CAPTURE_ON_WARMUP_STREAM = False  # --capture-stream warmup: capture where the warm-up ran
+
+
 def graphed(model_step: Callable[[Callable], object], source: Callable) -> Callable[[], None]:
     """`model_step(batches)` captured as one CUDA graph; the returned call refills and replays."""
     static = StaticBatches(source, batches_per_step(model_step, source))
@@ -143,7 +149,9 @@ def graphed(model_step: Callable[[Callable], object], source: Callable) -> Calla
             model_step(static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # By default torch.cuda.graph captures on a private stream of its own, whose cuBLAS
+    # workspace is not the one the warm-up used: a suspect for the graphs' nondeterminism.
+    with torch.cuda.graph(graph, stream=side if CAPTURE_ON_WARMUP_STREAM else None):
         model_step(static)
 
     def replay() -> None:
@@ -154,11 +162,16 @@ def graphed(model_step: Callable[[Callable], object], source: Callable) -> Calla
 
 
 def parameters_after(
-    make_step: Callable[[], tuple[Callable[[], None], list[torch.Tensor]]], steps: int
+    make_step: Callable[[], tuple[Callable[[], None], list[torch.Tensor]]],
+    steps: int,
+    wait: bool = False,
 ) -> list[torch.Tensor]:
+    """Parameters after `steps` steps; with `wait`, the host waits for the GPU after each."""
     step, parameters = make_step()
     for _ in range(steps):
         step()
+        if wait:
+            synchronise(parameters[0].device)
     synchronise(parameters[0].device)
     return [p.detach().clone() for p in parameters]
 
@@ -216,11 +229,15 @@ def graph_cells(
         checks = 20
         first, second = parameters_after(graph_run, checks), parameters_after(graph_run, checks)
         plain = parameters_after(eager_run, checks)
-        return [
-            f"{graph:9.1f}",
-            f"{graph / eager:6.2f}x",
-            f"{'yes' if same(first, plain) else 'no':>9s}",
-            f"{'yes' if same(first, second) else 'no':>9s}",
+        waited = [parameters_after(graph_run, checks, wait=True) for _ in range(2)]
+        verdicts = [
+            same(first, plain),
+            same(first, second),
+            same(waited[0], waited[1]),
+            same(waited[0], plain),
+        ]
+        return [f"{graph:9.1f}", f"{graph / eager:6.2f}x"] + [
+            f"{'yes' if verdict else 'no':>9s}" for verdict in verdicts
         ]
     except Exception as error:  # one failing capture must not cost the other figures
         traceback.print_exc()
@@ -230,14 +247,22 @@ def graph_cells(
 def compile_cells(name: str, device: torch.device, args: argparse.Namespace) -> list[str]:
     try:
         model, batches = build(name, device, capturable=True)
-        step = torch.compile(model.train_step, mode="reduce-overhead")
+        # Batches drawn outside the compiled step: dynamo cannot trace the sampler's pin_memory.
+        static = StaticBatches(batches, batches_per_step(model.train_step, batches))
+        compiled = torch.compile(model.train_step, mode="reduce-overhead")
+
+        def step() -> None:
+            static.refill()
+            static.next = 0
+            compiled(static)
+
         tick = time.perf_counter()
         for _ in range(3):
-            step(batches)
+            step()
         synchronise(device)
         compile_s = time.perf_counter() - tick
         return [
-            f"{rate(lambda: step(batches), args.iterations, device, args.repeats):9.1f}",
+            f"{rate(step, args.iterations, device, args.repeats):9.1f}",
             f"{compile_s:6.1f}s",
         ]
     except Exception as error:
@@ -341,27 +366,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300, help="steps per timed loop (300)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loops per figure (3)")
-    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    parser.add_argument("--models", nargs="*", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--stacks", nargs="*", type=int, default=[1, 8, 32, 128, 512])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument(
+        "--capture-stream",
+        choices=("private", "warmup"),
+        default="private",
+        help="capture on torch.cuda.graph's own stream (default) or on the warm-up's",
+    )
+    parser.add_argument(
+        "--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # One intra-op thread, as bench/benchmark.py and a study's one-CPU trials: with all cores,
+    # the step's small CPU-side ops (batch indices, pinning) cost more than they save.
+    torch.set_num_threads(1)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         name = torch.cuda.get_device_name(device)
+        global CAPTURE_ON_WARMUP_STREAM
+        CAPTURE_ON_WARMUP_STREAM = args.capture_stream == "warmup"
+        if args.deterministic:
+            torch.use_deterministic_algorithms(True)
+        name += f", capture on the {args.capture_stream} stream"
+        name += ", deterministic algorithms" if args.deterministic else ""
     else:
-        torch.set_num_threads(1)
-        name = "cpu, one thread"
+        name = "cpu"
+    name += ", one thread"
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"torch {torch.__version__} | device {name} | batch {BATCH_SIZE} | load {load}")
     header = ["model   ", "     sync", "    async"]
     if device.type == "cuda":
-        header += ["    graph", "graph/async", "graph = async", "graph det"]
+        header += [
+            "    graph",
+            "graph/async",
+            "graph = async",
+            "graph det",
+            "waited det",
+            "waited = async",
+        ]
         if args.compile:
             header += ["  compile", "compile s"]
     print("it/s: " + "  ".join(header), flush=True)
