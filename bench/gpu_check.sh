@@ -6,7 +6,8 @@
 #
 # Setup follows README (a venv with `pip install -e '.[dev]'`). On a machine without internet,
 # put the wheels of what its Python lacks in .whl/: they are installed offline into .gpu-site,
-# beside the machine's own CUDA build of torch, and used from there.
+# beside the machine's own CUDA build of torch, and used from there (bench/gpu_wheels.sh
+# fetches them).
 # GPU_CHECK_PARTS="setup tests ..." runs only the parts named (setup is needed once per machine).
 # Every part has a time limit and the whole run a deadline (GPU_CHECK_SECONDS, 570 s): a part
 # that would not fit is skipped and says so, and one that fails does not stop the others.
