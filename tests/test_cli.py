@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -86,3 +87,7 @@ def test_unwritable_out_and_used_out(tmp_path, capsys):
     assert main(["train", *TINY, "--out", str(used)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert [p.name for p in used.iterdir()] == ["notes.txt"]
+    if Path("/proc").is_dir():  # writable by os.access for root, yet nothing can be made there
+        assert main(["train", *TINY, "--out", "/proc/gvae-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("gvae: error: --out") and "\n" not in err, err

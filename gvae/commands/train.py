@@ -68,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
 
     load_dataset(config.dataset, config.data_root)  # a missing dataset fails before any write
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. under /proc, which os.access calls writable for root
+        raise GvaeError(
+            f"--out: cannot create {out} ({error.strerror}); pass an --out you can write"
+        ) from None
     write_json(out / "config.json", config.to_dict())
     try:
         outcome = run_trial(
