@@ -8,18 +8,18 @@ Run as `python bench/gpu_step.py [--iterations 300] [--models ...] [--stacks 1 8
      (the trainer before the divergence watch);
    - `async`: the step plus `DivergenceWatch` (the trainer now);
    - `graph`: the whole step captured once as a CUDA graph and replayed (capturable optimisers,
-     batches copied into the graph's input buffers); `graph = async` says whether its parameters
-     after the same steps are bit-identical to the eager step's, `graph det` whether two graph
-     runs agree bit for bit; `waited det` and `waited = async` the same with the host waiting for
-   the GPU after every replay (a race between the host and the queued replays shows as a
-   difference between the two);
+     batches copied into the graph's input buffers), and whether graph runs are deterministic:
+     `= eager` whether its parameters after the same 24 steps are bit-identical to the eager
+     step's, `det` whether two graph runs agree bit for bit, `waited` the same with the host
+     waiting for the GPU after every replay (a race with the host would show here), `warmup` when
+     captured on the warm-up's stream rather than a private one (whose cuBLAS workspace differs),
+     `algos` under `torch.use_deterministic_algorithms(True)`;
    - `compile`: `torch.compile(mode="reduce-overhead")` of the step (with `--compile`), and the
      seconds its compilation took.
 2. The paper's MLP GAN stacked K times: K models trained in lockstep as one batched computation
    (weights [K, in, out], `baddbmm`), eager and as a CUDA graph, in model-iterations per second.
 
-`--capture-stream warmup` and `--deterministic` try two suspected causes of the graphs'
-nondeterminism (see bench/README.md). On the CPU only the eager columns and the eager stack run.
+On the CPU only the eager columns and the eager stack run.
 """
 
 from __future__ import annotations
@@ -135,11 +135,11 @@ def batches_per_step(model_step: Callable[[Callable], object], source: Callable)
     return count
 
 
-CAPTURE_ON_WARMUP_STREAM = False  # --capture-stream warmup: capture where the warm-up ran
-
-
-def graphed(model_step: Callable[[Callable], object], source: Callable) -> Callable[[], None]:
-    """`model_step(batches)` captured as one CUDA graph; the returned call refills and replays."""
+def graphed(
+    model_step: Callable[[Callable], object], source: Callable, on_warmup_stream: bool = False
+) -> Callable[[], None]:
+    """`model_step(batches)` captured as one CUDA graph; the returned call refills and replays.
+    Captured on torch.cuda.graph's private stream, or on the warm-up's."""
     static = StaticBatches(source, batches_per_step(model_step, source))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -149,9 +149,7 @@ def graphed(model_step: Callable[[Callable], object], source: Callable) -> Calla
             model_step(static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # By default torch.cuda.graph captures on a private stream of its own, whose cuBLAS
-    # workspace is not the one the warm-up used: a suspect for the graphs' nondeterminism.
-    with torch.cuda.graph(graph, stream=side if CAPTURE_ON_WARMUP_STREAM else None):
+    with torch.cuda.graph(graph, stream=side if on_warmup_stream else None):
         model_step(static)
 
     def replay() -> None:
@@ -176,8 +174,29 @@ def parameters_after(
     return [p.detach().clone() for p in parameters]
 
 
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> str:
+    return "yes" if all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) else "no"
+
+
+CHECK_STEPS = 20  # graph replays (after a counting step and three warm-ups) before comparing
+Run = tuple[Callable[[], None], list[torch.Tensor]]
+
+
+def twice_the_same(run: Callable[[], list[torch.Tensor]]) -> str:
+    """Whether two runs give bit-identical parameters ("err" when the run itself fails)."""
+    try:
+        return same(run(), run())
+    except Exception as error:
+        print(f"  ({type(error).__name__}: {str(error)[:120]})", file=sys.stderr)
+        return "err"
+
+
+def with_deterministic_algorithms(graph_run: Callable[[], Run]) -> list[torch.Tensor]:
+    torch.use_deterministic_algorithms(True)
+    try:
+        return parameters_after(graph_run, CHECK_STEPS)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def model_parameters(model: GenerativeModel) -> list[torch.Tensor]:
@@ -206,11 +225,12 @@ def graph_cells(
 ) -> list[str]:
     try:
 
-        def graph_run() -> tuple[Callable[[], None], list[torch.Tensor]]:
+        def graph_run(on_warmup_stream: bool = False) -> Run:
             model, batches = build(name, device, capturable=True)
-            return graphed(model.train_step, batches), model_parameters(model)
+            replay = graphed(model.train_step, batches, on_warmup_stream)
+            return replay, model_parameters(model)
 
-        def eager_run() -> tuple[Callable[[], None], list[torch.Tensor]]:
+        def eager_run() -> Run:
             model, batches = build(name, device, capturable=True)
             # The same batches and steps as graph_run: one counting step, three warm-ups.
             count = batches_per_step(model.train_step, batches)
@@ -226,19 +246,16 @@ def graph_cells(
 
         step, _ = graph_run()
         graph = rate(step, args.iterations, device, args.repeats)
-        checks = 20
-        first, second = parameters_after(graph_run, checks), parameters_after(graph_run, checks)
-        plain = parameters_after(eager_run, checks)
-        waited = [parameters_after(graph_run, checks, wait=True) for _ in range(2)]
+        plain = parameters_after(eager_run, CHECK_STEPS)
+        first = parameters_after(graph_run, CHECK_STEPS)
         verdicts = [
             same(first, plain),
-            same(first, second),
-            same(waited[0], waited[1]),
-            same(waited[0], plain),
+            same(first, parameters_after(graph_run, CHECK_STEPS)),
+            twice_the_same(lambda: parameters_after(graph_run, CHECK_STEPS, wait=True)),
+            twice_the_same(lambda: parameters_after(lambda: graph_run(True), CHECK_STEPS)),
+            twice_the_same(lambda: with_deterministic_algorithms(graph_run)),
         ]
-        return [f"{graph:9.1f}", f"{graph / eager:6.2f}x"] + [
-            f"{'yes' if verdict else 'no':>9s}" for verdict in verdicts
-        ]
+        return [f"{graph:9.1f}", f"{graph / eager:6.2f}x"] + [f"{v:>7s}" for v in verdicts]
     except Exception as error:  # one failing capture must not cost the other figures
         traceback.print_exc()
         return [f"graph failed: {type(error).__name__}: {str(error)[:80]}"]
@@ -370,15 +387,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stacks", nargs="*", type=int, default=[1, 8, 32, 128, 512])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument(
-        "--capture-stream",
-        choices=("private", "warmup"),
-        default="private",
-        help="capture on torch.cuda.graph's own stream (default) or on the warm-up's",
-    )
-    parser.add_argument(
-        "--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)"
-    )
     return parser.parse_args(argv)
 
 
@@ -391,12 +399,6 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         name = torch.cuda.get_device_name(device)
-        global CAPTURE_ON_WARMUP_STREAM
-        CAPTURE_ON_WARMUP_STREAM = args.capture_stream == "warmup"
-        if args.deterministic:
-            torch.use_deterministic_algorithms(True)
-        name += f", capture on the {args.capture_stream} stream"
-        name += ", deterministic algorithms" if args.deterministic else ""
     else:
         name = "cpu"
     name += ", one thread"
@@ -407,10 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         header += [
             "    graph",
             "graph/async",
-            "graph = async",
-            "graph det",
-            "waited det",
-            "waited = async",
+            "= eager",
+            "    det",
+            " waited",
+            " warmup",
+            "  algos",
         ]
         if args.compile:
             header += ["  compile", "compile s"]
