@@ -48,7 +48,7 @@ part() {  # part NAME LIMIT COMMAND...: run with a limit, log to RESULTS/NAME.lo
 
 setup() {
     if [[ -d .whl ]]; then
-        python3 -m pip install -q --no-index --no-deps --target .gpu-site .whl/*.whl || return
+        python3 -m pip install -q --no-index --no-deps --upgrade --target .gpu-site .whl/*.whl || return
     else
         python3 -m venv "$venv" && "$venv/bin/pip" install -q -e '.[dev]' || return
     fi
@@ -61,7 +61,7 @@ setup() {
 part setup 150 setup
 part tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
-part gpu_step 110 "$py" bench/gpu_step.py --iterations 100 --repeats 3
+part gpu_step 150 "$py" bench/gpu_step.py --iterations 100 --repeats 3
 part packing 220 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200
 part compile 90 "$py" bench/gpu_step.py --models gan --stacks --compile --iterations 100
 echo "== done at $(date +%T), ${SECONDS}s"
