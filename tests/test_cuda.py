@@ -15,6 +15,7 @@ import torch
 from gvae.cli import main
 from gvae.config import TrialConfig
 from gvae.data import load_dataset
+from gvae.divergence import Diverged, DivergenceWatch
 from gvae.evaluation import load_or_train_evaluator
 from gvae.trainer import CHECKPOINT_FILE, run_trial
 
@@ -77,6 +78,17 @@ def test_a_checkpoint_written_on_one_device_resumes_on_the_other(written_on, res
     assert numbers(first) == numbers(again)  # deterministic on the new device too
     losses = [value for key, value in first.curve[-1].items() if key.endswith("_loss")]
     assert losses and torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_divergence_on_cuda_is_reported_at_its_first_iteration(monkeypatch):
+    config = tiny("vae", lr=1e12, iterations=40, eval_every=40)
+    with pytest.raises(Diverged) as per_window:  # the trainer's own watch: one look per window
+        run_trial(config, log=quiet)
+    monkeypatch.setattr(DivergenceWatch, "for_device", classmethod(lambda cls, _: cls(1)))
+    with pytest.raises(Diverged) as per_step:
+        run_trial(config, log=quiet)
+    assert per_window.value.iteration == per_step.value.iteration < 40
+    assert str(per_window.value.losses) == str(per_step.value.losses)
 
 
 def test_the_evaluator_measures_on_cuda_as_on_the_cpu():

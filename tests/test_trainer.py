@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gvae.config import MODEL_NAMES, TrialConfig
-from gvae.divergence import Diverged
+from gvae.divergence import Diverged, DivergenceWatch
 from gvae.trainer import CHECKPOINT_FILE, run_trial
 
 TINY = dict(iterations=20, eval_every=10, eval_samples=300, batch_size=16)
@@ -89,6 +89,22 @@ def test_divergence_stops_the_trial_with_its_iteration():
     with pytest.raises(Diverged) as error:
         run_trial(tiny("vae", lr=1e12), log=quiet)
     assert 1 <= error.value.iteration <= 20
+
+
+def diverged_at(config: TrialConfig, interval: int, monkeypatch) -> Diverged:
+    """The Diverged a trial raises when its losses are looked at every `interval` steps."""
+    monkeypatch.setattr(DivergenceWatch, "for_device", classmethod(lambda cls, _: cls(interval)))
+    with pytest.raises(Diverged) as error:
+        run_trial(config, log=quiet)
+    return error.value
+
+
+def test_a_trial_looked_at_per_window_reports_the_divergence_a_per_step_look_finds(monkeypatch):
+    config = tiny("vae", lr=1e12, iterations=40, eval_every=40)
+    per_step = diverged_at(config, 1, monkeypatch)
+    per_window = diverged_at(config, 256, monkeypatch)  # as on CUDA: looked at before evaluating
+    assert per_window.iteration == per_step.iteration
+    assert str(per_window.losses) == str(per_step.losses)  # the same values, NaN included
 
 
 def test_training_does_not_depend_on_the_callers_rng():
