@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from benchmark import synchronise  # bench/ is on the path of a script run from it
 from torch import nn
 
 from gvae.config import MODEL_NAMES, TrialConfig
@@ -45,11 +46,6 @@ from gvae.models import MODELS, GenerativeModel
 BATCH_SIZE = 64
 DATASET = "mnist5k"
 Step = Callable[[], dict[str, torch.Tensor]]
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rate(step: Callable[[], object], iterations: int, device: torch.device, repeats: int) -> float:

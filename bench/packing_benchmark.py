@@ -26,7 +26,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from study_benchmark import run_gvae  # bench/ is on the path of a script run from it
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"trials_per_model": 5, "iterations": 1_000_000, "evaluations": 50}
@@ -112,19 +112,6 @@ def study_file(folder: Path, fraction: float, seeds: int, args: argparse.Namespa
     return path
 
 
-def run_study(path: Path, storage: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "gvae.cli", "study", "run", str(path), "--storage", str(storage)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        sys.exit(f"gvae study run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-
-
 def trial_speeds(storage: Path, name: str) -> pd.DataFrame:
     """One row per trial: model, iterations, start, end, training it/s of its last evaluation
     window, evaluation seconds."""
@@ -173,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(folder / "results" / name, ignore_errors=True)
         tick = time.perf_counter()
         with GpuSampler() as sampler:
-            run_study(path, folder / "results")
+            run_gvae(path, folder / "results")
         wall = time.perf_counter() - tick
         table = trial_speeds(folder / "results", name)
         start, end = table.started_at.min(), table.ended.max()
