@@ -26,14 +26,19 @@ class Diverged(Exception):
 
 
 class DivergenceWatch:
-    """Collects each step's losses and raises Diverged for the first non-finite one."""
+    """Collects each step's losses and finds each member's first non-finite step.
+
+    Losses are scalars for a lone trial, or [K] for a pack's K members (gvae.pack), whose members
+    diverge apart: a member's NaN stays in its own slice of every tensor.
+    """
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
         self.names: list[str] = []
-        self.buffer: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # [interval, losses, members]
         self.first_iteration = 0
         self.count = 0
+        self.diverged: set[int] = set()  # members already reported
 
     @classmethod
     def for_device(cls, device: torch.device) -> DivergenceWatch:
@@ -41,27 +46,33 @@ class DivergenceWatch:
         every CUDA_INTERVAL steps on a GPU."""
         return cls(CUDA_INTERVAL if device.type == "cuda" else 1)
 
-    def record(self, iteration: int, losses: dict[str, torch.Tensor]) -> None:
-        values = torch.stack([value.detach().float() for value in losses.values()])
+    def record(self, iteration: int, losses: dict[str, torch.Tensor]) -> dict[int, Diverged]:
+        """Keep this step's losses; at the end of a window, the members newly diverged in it."""
+        values = torch.stack([value.detach().float().reshape(-1) for value in losses.values()])
         if self.buffer is None:
             self.names = list(losses)
-            self.buffer = values.new_empty(self.interval, len(values))
+            self.buffer = values.new_empty(self.interval, *values.shape)
         if self.count == 0:
             self.first_iteration = iteration
         self.buffer[self.count] = values  # a copy on the device: no sync
         self.count += 1
-        if self.count == self.interval:
-            self.check()
+        return self.check() if self.count == self.interval else {}
 
-    def check(self) -> None:
-        """Raise Diverged if any step recorded since the last check had a non-finite loss."""
+    def check(self) -> dict[int, Diverged]:
+        """The members whose first non-finite loss came since the last check, by member."""
         if self.buffer is None or self.count == 0:
-            return
+            return {}
         window = self.buffer[: self.count]
         self.count = 0
-        finite = torch.isfinite(window).all(dim=1)
+        finite = torch.isfinite(window).all(dim=1)  # [steps, members]
         if bool(finite.all()):  # the one sync per window
-            return
-        first = int((~finite).nonzero()[0, 0])
-        losses = dict(zip(self.names, window[first].tolist(), strict=True))
-        raise Diverged(self.first_iteration + first, losses)
+            return {}
+        found: dict[int, Diverged] = {}
+        for member in (~finite).any(dim=0).nonzero()[:, 0].tolist():
+            if member in self.diverged:
+                continue
+            step = int((~finite[:, member]).nonzero()[0, 0])
+            losses = dict(zip(self.names, window[step, :, member].tolist(), strict=True))
+            found[member] = Diverged(self.first_iteration + step, losses)
+        self.diverged.update(found)
+        return found

@@ -68,11 +68,16 @@ class _BernoulliNLL(torch.autograd.Function):
     value agrees with log1p's to within 1.2e-7 per pixel (float32 rounds 1 + exp(−|x|)).
     """
 
+    generate_vmap_rule = True  # a pack takes the loss per member under torch.vmap
+
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(logits, targets)
+    def forward(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         softplus_of_minus_abs = torch.log(torch.exp(-logits.abs()) + 1)
         return (logits.clamp(min=0) - logits * targets + softplus_of_minus_abs).sum()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -97,5 +102,10 @@ def constrained_gan_term(gan_loss: torch.Tensor, lam: float, d: float) -> torch.
     return lam * torch.clamp(gan_loss - d, min=0)
 
 
-def reparameterise(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    return mean + torch.randn_like(mean) * torch.exp(0.5 * log_var)
+def reparameterise(
+    mean: torch.Tensor, log_var: torch.Tensor, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A draw of N(mean, exp(log_var)) from standard normal `noise` (drawn here when None)."""
+    if noise is None:
+        noise = torch.randn_like(mean)
+    return mean + noise * torch.exp(0.5 * log_var)

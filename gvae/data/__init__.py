@@ -8,8 +8,10 @@ gvae imports.
 
 from gvae.data.batches import (
     BatchSampler,
+    PackBatches,
     StreamedBatches,
     held_out_batches,
+    pack_batches,
     stream_workers,
     training_batches,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "BatchSampler",
     "Dataset",
     "ImageFiles",
+    "PackBatches",
     "StreamedBatches",
     "decode_celeba",
     "fingerprint",
@@ -46,6 +49,7 @@ __all__ = [
     "load_stacked_mnist5k",
     "make_dataset",
     "mnist5k_arrays",
+    "pack_batches",
     "stratified_split",
     "stream_workers",
     "training_batches",

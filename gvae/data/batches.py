@@ -11,6 +11,7 @@ import torch
 import torch.utils.data
 
 from gvae.data.dataset import Dataset, ImageFiles
+from gvae.errors import GvaeError
 
 # Decoding workers per streamed source: studies give CelebA trials 4 CPUs, one for the trainer.
 STREAM_WORKERS = 3
@@ -38,14 +39,12 @@ class BatchSampler:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
+    def draw_index(self) -> torch.Tensor:
+        """The next batch's image indices, on the CPU."""
+        return torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
+
     def _index(self) -> torch.Tensor:
-        index = torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
-        if self.images.device.type == "cpu":
-            return index
-        # From pinned memory the copy is queued like a kernel; from pageable memory the host
-        # would wait for the GPU at every batch. The indices come from the CPU generator either
-        # way, so a trial draws the same batches on every device.
-        return index.pin_memory().to(self.images.device, non_blocking=True)
+        return to_device_queued(self.draw_index(), self.images.device)
 
     def __call__(self) -> torch.Tensor:
         return self.images[self._index()]
@@ -60,6 +59,39 @@ class BatchSampler:
 
     def load_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state.cpu())
+
+    def close(self) -> None:
+        """Nothing to release (the same interface as StreamedBatches)."""
+
+
+def to_device_queued(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The CPU index on `device` without the host waiting: from pinned memory the copy is queued
+    like a kernel, from pageable memory the host would wait for the GPU at every batch. The
+    indices come from the CPU generator either way, so a trial draws the same batches on every
+    device."""
+    if device.type == "cpu":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
+
+
+class PackBatches:
+    """The batches of a pack's members (gvae.pack), [K, B, C, H, W]: member k's from its own
+    sampler, seeded as its lone trial's, so it sees the batches that trial sees."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seeds: list[int]) -> None:
+        self.images = images
+        self.samplers = [BatchSampler(images, batch_size, seed) for seed in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        index = torch.stack([sampler.draw_index() for sampler in self.samplers])
+        return self.images[to_device_queued(index, self.images.device)]
+
+    def state(self) -> torch.Tensor:
+        return torch.stack([sampler.state() for sampler in self.samplers])
+
+    def load_state(self, state: torch.Tensor) -> None:
+        for sampler, member_state in zip(self.samplers, state, strict=True):
+            sampler.load_state(member_state.clone())  # set_state reads a view wrongly
 
     def close(self) -> None:
         """Nothing to release (the same interface as StreamedBatches)."""
@@ -173,6 +205,17 @@ def training_batches(
         images = dataset.train_images.to(device)
         return BatchSampler(images, batch_size, seed, dataset.train_labels.to(device))
     return StreamedBatches(dataset.files, dataset.train_labels, batch_size, seed, device)
+
+
+def pack_batches(
+    dataset: Dataset, batch_size: int, seeds: list[int], device: torch.device
+) -> PackBatches:
+    """A pack's batch source: the dataset must be held in memory."""
+    if dataset.files is not None:
+        raise GvaeError(
+            f"pack: {dataset.name} is streamed from disk, and packs draw from memory; use pack 1"
+        )
+    return PackBatches(dataset.train_images.to(device), batch_size, seeds)
 
 
 def held_out_batches(

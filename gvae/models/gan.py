@@ -19,10 +19,14 @@ class GAN(GenerativeModel):
 
     def train_step(self, next_batch: BatchSource) -> Losses:
         real = next_batch()
-        fake = self.generator(self.noise(real.shape[0]))
-        d_loss = gan_discriminator_loss(*self.judge(self.discriminator, real, fake.detach()))
+        fake = self.generator(self.noise(real.shape[self.batch_dim]))
+        d_loss = self.loss(
+            gan_discriminator_loss, *self.judge(self.discriminator, real, fake.detach())
+        )
         step(self.optimizers["discriminator"], d_loss)
         with frozen(self.discriminator):
-            g_loss = gan_generator_loss(self.discriminator(fake), self.config.gan_loss)
+            g_loss = self.loss(
+                gan_generator_loss, self.discriminator(fake), form=self.config.gan_loss
+            )
         step(self.optimizers["generator"], g_loss)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}

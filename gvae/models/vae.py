@@ -17,8 +17,8 @@ class VAE(GenerativeModel):
     def train_step(self, next_batch: BatchSource) -> Losses:
         real = next_batch()
         mean, log_var = self.encoder(real)
-        logits = self.decode_logits(reparameterise(mean, log_var))
-        recon_loss = reconstruction_loss_from_logits(logits, real)
-        kl_loss = kl_to_standard_normal(mean, log_var)
+        logits = self.decode_logits(reparameterise(mean, log_var, self.noise_like(mean)))
+        recon_loss = self.loss(reconstruction_loss_from_logits, logits, real)
+        kl_loss = self.loss(kl_to_standard_normal, mean, log_var)
         step(self.optimizers["vae"], recon_loss + kl_loss)
         return {"recon_loss": recon_loss.detach(), "kl_loss": kl_loss.detach()}

@@ -42,17 +42,21 @@ class VAEGAN(GenerativeModel):
     def train_step(self, next_batch: BatchSource) -> Losses:
         real = next_batch()
         mean, log_var = self.encoder(real)
-        logits = self.decode_logits(reparameterise(mean, log_var))
+        logits = self.decode_logits(reparameterise(mean, log_var, self.noise_like(mean)))
         reconstruction = torch.sigmoid(logits)
-        fakes = torch.cat([reconstruction, self.generator(self.noise(real.shape[0]))])
+        prior_images = self.generator(self.noise(real.shape[self.batch_dim]))
+        fakes = self.cat(reconstruction, prior_images)
 
-        d_loss = gan_discriminator_loss(*self.judge(self.discriminator, real, fakes.detach()))
+        judged = self.judge(self.discriminator, real, fakes.detach())
+        d_loss = self.loss(gan_discriminator_loss, *judged)
         step(self.optimizers["discriminator"], d_loss)
 
-        recon_loss = reconstruction_loss_from_logits(logits, real)
-        kl_loss = kl_to_standard_normal(mean, log_var)
+        recon_loss = self.loss(reconstruction_loss_from_logits, logits, real)
+        kl_loss = self.loss(kl_to_standard_normal, mean, log_var)
         with frozen(self.discriminator):
-            gan_loss = gan_generator_loss(self.discriminator(fakes), self.config.gan_loss)
+            gan_loss = self.loss(
+                gan_generator_loss, self.discriminator(fakes), form=self.config.gan_loss
+            )
         step(self.optimizers["vae"], recon_loss + kl_loss + self.gan_term(gan_loss))
         return {
             "d_loss": d_loss.detach(),

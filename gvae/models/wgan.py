@@ -24,13 +24,13 @@ class WGAN(GenerativeModel):
         for _ in range(self.config.n_critic):
             real = next_batch()
             with torch.no_grad():
-                fake = self.generator(self.noise(real.shape[0]))
-            critic_loss = wgan_critic_loss(*self.judge(self.critic, real, fake))
+                fake = self.generator(self.noise(real.shape[self.batch_dim]))
+            critic_loss = self.loss(wgan_critic_loss, *self.judge(self.critic, real, fake))
             step(self.optimizers["critic"], critic_loss)
             self._clip_critic()
-        fake = self.generator(self.noise(real.shape[0]))
+        fake = self.generator(self.noise(real.shape[self.batch_dim]))
         with frozen(self.critic):
-            g_loss = wgan_generator_loss(self.critic(fake))
+            g_loss = self.loss(wgan_generator_loss, self.critic(fake))
         step(self.optimizers["generator"], g_loss)
         # The negated critic loss estimates the Wasserstein distance.
         return {"critic_loss": critic_loss.detach(), "g_loss": g_loss.detach()}

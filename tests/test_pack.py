@@ -1,0 +1,147 @@
+"""Packs (gvae.pack): K seeds of one config trained in lockstep as one batched computation."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import gvae.trainer
+from gvae.config import MODEL_NAMES, TrialConfig
+from gvae.data import BatchSampler, PackBatches
+from gvae.errors import GvaeError
+from gvae.models import MODELS
+from gvae.models.base import build_pack
+from gvae.pack import StackedLinear
+from gvae.trainer import CHECKPOINT_FILE, run_pack, run_trial
+
+TINY = dict(iterations=20, eval_every=10, eval_samples=300, batch_size=16)
+SEEDS = (3, 7)
+SHAPE = (1, 28, 28)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def tiny(model: str, seed: int = 0, **overrides) -> TrialConfig:
+    return TrialConfig(model=model, seed=seed, d=0.3, **{**TINY, **overrides}).validate()
+
+
+def lone_weights(model) -> dict[str, list[torch.Tensor]]:
+    """Each net's Linear weights as a lone trial holds them ([out, in])."""
+    return {
+        name: [m.weight for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        for name, net in model.nets.items()
+    }
+
+
+def member_weights(pack, member: int) -> dict[str, list[torch.Tensor]]:
+    """Member `member`'s Linear weights of a pack, transposed back to [out, in]."""
+    return {
+        name: [m.weight[member].t() for m in net.modules() if isinstance(m, StackedLinear)]
+        for name, net in pack.nets.items()
+    }
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_each_member_trains_as_its_lone_trial_does_to_rounding(model):
+    torch.set_num_threads(1)
+    images = torch.rand(200, *SHAPE)
+    configs = [tiny(model, seed) for seed in SEEDS]
+    lone_losses, lone_nets = [], []
+    for config in configs:
+        torch.manual_seed(config.seed)
+        lone = MODELS[model](config, SHAPE, torch.device("cpu"))
+        batches = BatchSampler(images, config.batch_size, config.seed)
+        lone_losses.append([lone.train_step(batches) for _ in range(3)])
+        lone_nets.append(lone_weights(lone))
+    pack = build_pack(MODELS[model], configs, SHAPE, torch.device("cpu"))
+    batches = PackBatches(images, configs[0].batch_size, list(SEEDS))
+    pack_losses = [pack.train_step(batches) for _ in range(3)]
+
+    for member in range(len(SEEDS)):
+        for step in range(3):
+            for name, value in lone_losses[member][step].items():
+                packed = float(pack_losses[step][name][member])
+                assert packed == pytest.approx(float(value), rel=1e-5, abs=1e-6), (step, name)
+        for name, weights in member_weights(pack, member).items():
+            for packed, lone in zip(weights, lone_nets[member][name], strict=True):
+                torch.testing.assert_close(packed, lone, rtol=1e-4, atol=1e-5)
+    # The members differ: each trains on its own seed's weights, batches and noise.
+    first_layers = [next(iter(member_weights(pack, m).values()))[0] for m in (0, 1)]
+    assert not torch.equal(*first_layers)
+
+
+def test_a_pack_is_deterministic_and_its_members_match_their_lone_trials_first_window():
+    configs = [tiny("cvaegan", seed) for seed in SEEDS]
+    first = run_pack(configs, log=quiet)
+    second = run_pack(configs, log=quiet)
+    for a, b in zip(first, second, strict=True):
+        assert strip_timing(a.curve) == strip_timing(b.curve)
+        assert a.final == b.final
+    for outcome, config in zip(first, configs, strict=True):
+        assert outcome.config.seed == config.seed and outcome.diverged is None
+        assert [row["iteration"] for row in outcome.curve] == [10, 20]
+        assert len(outcome.final["image_entropies"]) == 300
+        lone = run_trial(config, log=quiet)
+        for key in ("recon_loss", "kl_loss", "d_loss"):
+            assert outcome.curve[0][key] == pytest.approx(lone.curve[0][key], rel=1e-3)
+    assert first[0].curve[-1]["recon_loss"] != first[1].curve[-1]["recon_loss"]
+
+
+def strip_timing(curve: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in row.items() if k not in ("iterations_per_second", "eval_seconds")}
+        for row in curve
+    ]
+
+
+def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    configs = [tiny("wgan", seed) for seed in SEEDS]
+    straight = run_pack(configs, log=quiet)
+
+    def keep_checkpoint(rows, directory):
+        assert len(rows) == len(SEEDS)
+        (tmp_path / CHECKPOINT_FILE).write_bytes((directory / CHECKPOINT_FILE).read_bytes())
+
+    short = [dataclasses.replace(config, iterations=10) for config in configs]
+    run_pack(short, report=keep_checkpoint, log=quiet)
+    resumed = run_pack(configs, resume_from=tmp_path, log=quiet)
+    for a, b in zip(straight, resumed, strict=True):
+        assert strip_timing(a.curve) == strip_timing(b.curve)
+        assert a.final == b.final
+
+
+def test_a_diverging_member_stops_alone_and_leaves_the_others_numbers_untouched(monkeypatch):
+    configs = [tiny("gan", seed) for seed in SEEDS]
+    healthy = run_pack(configs, log=quiet)
+
+    def poisoned(*args):
+        pack = build_pack(*args)
+        with torch.no_grad():
+            next(pack.discriminator.parameters())[1].fill_(math.nan)  # member 1 only
+        return pack
+
+    monkeypatch.setattr(gvae.trainer, "build_pack", poisoned)
+    reports = []
+    outcomes = run_pack(configs, report=lambda rows, _: reports.append(rows), log=quiet)
+    assert outcomes[1].diverged is not None and outcomes[1].diverged.iteration == 1
+    assert outcomes[1].curve == []
+    assert strip_timing(outcomes[0].curve) == strip_timing(healthy[0].curve)
+    assert outcomes[0].final == healthy[0].final
+    assert all(rows[1]["diverged_at"] == 1 for rows in reports)
+    assert [rows[0]["iteration"] for rows in reports] == [10, 20]
+    assert "image_entropies" in reports[-1][0]
+
+
+def test_a_pack_whose_members_all_diverge_ends_with_each_ones_iteration():
+    outcomes = run_pack([tiny("vae", seed, lr=1e12) for seed in SEEDS], log=quiet)
+    assert all(o.diverged is not None and 1 <= o.diverged.iteration <= 20 for o in outcomes)
+
+
+def test_a_pack_refuses_members_that_differ_in_more_than_seed_and_conv_nets():
+    with pytest.raises(GvaeError, match="differ only in seed"):
+        run_pack([tiny("gan", 0), tiny("gan", 1, lr=1e-3)], log=quiet)
+    with pytest.raises(GvaeError, match="pack: only the mlp"):
+        run_pack([tiny("gan", 0, arch="conv"), tiny("gan", 1, arch="conv")], log=quiet)
