@@ -160,8 +160,6 @@ def reproduce(
     """Re-run a trial of `study` (default: `choose_trial`) in this process and compare."""
     import torch
 
-    from gvae.trainer import run_trial  # torch: imported only when a trial runs
-
     if trial_id is None:
         trial_id, reason = choose_trial(study.trials, study.spec)
     reason = reason or "chosen by id"
@@ -181,7 +179,7 @@ def reproduce(
         )
     torch.set_num_threads(threads)
     try:
-        outcome = run_trial(config, log=log)
+        outcome = _rerun(row, config, log)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -207,6 +205,21 @@ def reproduce(
             row.get("final_sample_labels"), outcome.final["sample_labels"]
         ),
     )
+
+
+def _rerun(row: dict[str, Any], config: TrialConfig, log: Callable) -> Any:
+    """The trial's outcome re-run: alone, or as a member of its whole pack again (a member's
+    numbers reproduce only beside the members it trained with)."""
+    from gvae.trainer import run_pack, run_trial  # torch: imported only when a trial runs
+
+    seeds = row.get("pack_seeds")
+    if seeds is None or not isinstance(row.get("pack"), str):
+        return run_trial(config, log=log)
+    seeds = [int(seed) for seed in seeds]
+    log(f"re-running the pack of seeds {seeds} that trial {row['trial_id']} trained in")
+    configs = [dataclasses.replace(config, seed=seed) for seed in seeds]
+    outcomes = run_pack(configs, log=log)
+    return outcomes[seeds.index(config.seed)]
 
 
 def _recorded_threads(row: dict[str, Any], default: int) -> int:

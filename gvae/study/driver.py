@@ -37,6 +37,7 @@ from gvae.io import atomic_local_filesystem
 from gvae.study.checkpoints import KEPT_WHILE_RUNNING, KeepLastCheckpoint
 from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
 from gvae.study.lease import StudyLease
+from gvae.study.packs import SEEDS, pack_points
 from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.replicates import SeedReplicates
@@ -293,6 +294,11 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
         first = spec.objectives[0]
         seeds = ("seed",) if spec.replicates > 1 else ()  # the searcher gives each replicate one
         objective, params = (first.metric, first.mode), ("model", *spec.space, *seeds)
+    if spec.pack > 1:  # Tune's trials are packs, which show their seeds
+        params = tuple(SEEDS if key == "seed" else key for key in params)
+        return ConsoleProgress(
+            len(pack_points(spec.grid_trials(), spec.pack)), objective=objective, params=params
+        )
     return ConsoleProgress(spec.trial_count, objective=objective, params=params)
 
 
@@ -316,6 +322,13 @@ def _set_output(tuner: tune.Tuner, spec: StudySpec, verbose: bool) -> None:
     ours = _callbacks(spec, recorders[0], verbose) if recorders else []
     run_config.callbacks = [*ours, *others]
     run_config.verbose = 1 if verbose else 0
+
+
+def tune_points(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
+    """The grid's points as Tune trials, longest first: a pack of seeds each under
+    `resources.pack` (gvae.study.packs), else one trial each."""
+    points = longest_first(spec, image_sizes)
+    return pack_points(points, spec.pack) if spec.pack > 1 else points
 
 
 def longest_first(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
@@ -356,11 +369,14 @@ def _new_tuner(
     }
     if spec.search_type == "grid":
         # Every grid point, in the order they start: Tune's own grid order is by key name.
-        points = longest_first(spec, image_sizes)
+        points = tune_points(spec, image_sizes)
         # Points may only set keys the space has; every point sets them all, so nothing is drawn.
         param_space["model"] = tune.choice(list(spec.models))
         param_space["dataset"] = tune.choice(list(spec.datasets))
         param_space.update({key: tune.choice(values) for key, values in spec.grid.items()})
+        if spec.pack > 1:
+            del param_space["seed"]
+            param_space[SEEDS] = tune.choice([point[SEEDS] for point in points])
         # The generator limits concurrency itself: Tune ignores max_concurrent_trials beside it.
         tune_config["search_alg"] = BasicVariantGenerator(
             points_to_evaluate=points, max_concurrent=spec.concurrency

@@ -25,10 +25,11 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from gvae.config import TrialConfig
+from gvae.study.packs import PACK, PACK_SEEDS, is_pack, members, seeds_of
 from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 from gvae.study.spec import EVALUATION_METRICS
-from gvae.study.trainable import read_checkpoint_arrays
+from gvae.study.trainable import MEMBERS, PACK_MEANS, read_checkpoint_arrays
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
 # Scalar metrics of an evaluation besides the two entropies: Fréchet distance, mode counts,
@@ -88,7 +89,7 @@ class ParquetRecorder(Callback):
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self._pruned:
-            self._prune_lost_trials({trial.trial_id for trial in trials})
+            self._prune_lost_trials({row_id for trial in trials for row_id, _ in _rows_of(trial)})
             self._pruned = True
 
     def _prune_lost_trials(self, known: set[str]) -> None:
@@ -107,57 +108,72 @@ class ParquetRecorder(Callback):
                 self.curves.pop(trial_id, None)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial_row(trial)["status"] = "running"
-        self._write(trial.trial_id)
+        for row_id, params in _rows_of(trial):
+            self._row(row_id, params)["status"] = "running"
+            self._write(row_id)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        row = self._trial_row(trial)
+        for (row_id, params), member_result in zip(
+            _rows_of(trial), _member_results(trial, result), strict=True
+        ):
+            if member_result:  # {}: a pack's member with nothing new
+                self._record_result(row_id, params, member_result)
+
+    def _record_result(self, row_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        row = self._row(row_id, params)
         row["wall_seconds"] = result.get("time_total_s")
         row.update({key: result[key] for key in CONTEXT_KEYS if key in result})
         if "failed_error" in result:  # an error retrying cannot fix (gvae.study.trainable)
             row["status"], row["error"] = "failed", result["failed_error"]
-            self._write(trial.trial_id)
+            self._write(row_id)
             return
         if "diverged_at" in result:
             row["diverged_at"] = result["diverged_at"]
             row["iterations_done"] = result["diverged_at"] - 1
             row["error"] = result["diverged_error"]
-            self._write(trial.trial_id)
+            self._write(row_id)
             return
-        self._add_curve_row(trial, result)
+        self._add_curve_row(row_id, params, result)
         row["iterations_done"] = result["iteration"]
-        self._write(trial.trial_id, curve=True)
+        self._write(row_id, curve=True)
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info):
         """The final evaluation's per-image arrays, which come in its checkpoint."""
         arrays = read_checkpoint_arrays(checkpoint)
-        if arrays:
-            row = self._trial_row(trial)
-            row.update({f"final_{key}": value for key, value in arrays.items()})
-            self._write(trial.trial_id)
+        if not arrays:
+            return
+        per_member = arrays.get(MEMBERS, [arrays])  # a pack's, or a lone trial's
+        for (row_id, params), member_arrays in zip(_rows_of(trial), per_member, strict=True):
+            if member_arrays:
+                row = self._row(row_id, params)
+                row.update({f"final_{key}": value for key, value in member_arrays.items()})
+                self._write(row_id)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial_row(trial)["retries"] = trial.num_failures
-        self._write(trial.trial_id)
+        for row_id, params in _rows_of(trial):
+            self._row(row_id, params)["retries"] = trial.num_failures
+            self._write(row_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._trial_row(trial)
-        if row["status"] == "failed":
-            pass  # ended by the trainable after an error retrying cannot fix
-        elif row.get("diverged_at") is not None:
-            row["status"] = "diverged"
-        elif row.get("iterations_done") == trial.config["iterations"]:
-            row["status"] = "finished"
-        else:
-            row["status"] = "stopped"  # ended early by the scheduler
-        self._write(trial.trial_id)
+        for row_id, params in _rows_of(trial):
+            row = self._row(row_id, params)
+            if row["status"] == "failed":
+                pass  # ended by the trainable after an error retrying cannot fix
+            elif row.get("diverged_at") is not None:
+                row["status"] = "diverged"
+            elif row.get("iterations_done") == params["iterations"]:
+                row["status"] = "finished"
+            else:
+                row["status"] = "stopped"  # ended early by the scheduler
+            self._write(row_id)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._trial_row(trial)
-        row["status"] = "failed"
-        row["retries"] = trial.num_failures
-        row["error"] = _error_line(trial.get_error())
-        self._write(trial.trial_id)
+        for row_id, params in _rows_of(trial):
+            row = self._row(row_id, params)
+            row["status"] = "failed"
+            row["retries"] = trial.num_failures
+            row["error"] = _error_line(trial.get_error())
+            self._write(row_id)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Compact the tables into one file each once no trial can report again."""
@@ -172,8 +188,8 @@ class ParquetRecorder(Callback):
 
     # Rows ------------------------------------------------------------------------------------
 
-    def _trial_row(self, trial: Any) -> dict[str, Any]:
-        trial_id = trial.trial_id
+    def _row(self, trial_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The row of a trial, or of a pack's member (gvae.study.packs), by its row id."""
         if trial_id in self.trials:
             return self.trials[trial_id]
         stored = self.trials_table.read_trial(trial_id) if trial_id in self.status else []
@@ -185,7 +201,7 @@ class ParquetRecorder(Callback):
             row = {
                 "study": self.study,
                 "trial_id": trial_id,
-                **_trial_config(trial.config),
+                **_trial_config(params),
                 "status": "pending",
                 "error": None,
                 "diverged_at": None,
@@ -200,12 +216,12 @@ class ParquetRecorder(Callback):
         self.trials[trial_id] = row
         return row
 
-    def _add_curve_row(self, trial: Any, result: dict[str, Any]) -> None:
+    def _add_curve_row(self, row_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
         keys = (*CURVE_KEYS, *CURVE_EXTRA_KEYS, *CURVE_TIMING_KEYS)
-        row = {"study": self.study, "trial_id": trial.trial_id, "model": trial.config["model"]}
+        row = {"study": self.study, "trial_id": row_id, "model": params["model"]}
         row.update({key: result.get(key) for key in keys})
         row.update({key: value for key, value in result.items() if key.endswith("_loss")})
-        self.curves[trial.trial_id][result["iteration"]] = row
+        self.curves[row_id][result["iteration"]] = row
 
     def _write(self, trial_id: str, curve: bool = False) -> None:
         """Put this trial's rows on disk; forget an ended trial's rows once they are there.
@@ -241,12 +257,36 @@ def _is_summary(key: str) -> bool:
 
 
 def _trial_config(params: dict[str, Any]) -> dict[str, Any]:
-    """The resolved trial fields, and the suggestion a seed replicate belongs to (else None)."""
-    fields = {key: value for key, value in params.items() if key != SUGGESTION}
+    """The resolved trial fields, the suggestion a seed replicate belongs to and the pack a
+    member belongs to (else None)."""
+    pack = {key: params[key] for key in (PACK, PACK_SEEDS) if key in params}
+    fields = {key: value for key, value in params.items() if key not in (SUGGESTION, *pack)}
     return {
         **TrialConfig.from_dict(fields).resolved().to_dict(),
         SUGGESTION: params.get(SUGGESTION),
+        **pack,
     }
+
+
+def _rows_of(trial: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(row id, fields) of each row a trial fills: its own, or one per member of a pack."""
+    rows = members(trial.trial_id, trial.config)
+    if is_pack(trial.config):
+        pack = {PACK: trial.trial_id, PACK_SEEDS: seeds_of(trial.config)}
+        return [(row_id, {**fields, **pack}) for row_id, fields in rows]
+    return rows
+
+
+def _member_results(trial: Any, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A result per row of the trial: a pack's member rows, each with the pack's context (the
+    device, node, timing) and its own metrics; {} for a member with nothing new."""
+    if not is_pack(trial.config) or MEMBERS not in result:
+        return [result] * len(_rows_of(trial))  # a lone trial, or a failure of the whole pack
+    shared = {key: value for key, value in result.items() if key not in _PACK_SUMMARY}
+    return [{**shared, **member} if member else {} for member in result[MEMBERS]]
+
+
+_PACK_SUMMARY = (MEMBERS, "iteration", *PACK_MEANS, "diverged_at", "diverged_error")
 
 
 def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:

@@ -96,6 +96,7 @@ class StudySpec:
     replicates: int = 1  # seeds each Optuna suggestion is trained on
     cpus: float = 1.0
     gpus: float = 0.0
+    pack: int = 1  # seeds of one grid point trained as one pack (gvae.pack) per Tune trial
     concurrency: int = 0  # 0: as many as the resources allow
     max_failures: int = 2
     scheduler: Scheduler | None = None
@@ -174,7 +175,7 @@ def parse_study(data: Any) -> StudySpec:
     search_type, grid, space, trials, objectives, replicates = _search(data["search"])
     resources = data.get("resources") or {}
     _require_mapping(resources, "resources")
-    _reject_unknown(resources, {"cpus", "gpus"}, "resources.")
+    _reject_unknown(resources, {"cpus", "gpus", "pack"}, "resources.")
     spec = StudySpec(
         name=name,
         description=str(data.get("description", "")),
@@ -191,13 +192,35 @@ def parse_study(data: Any) -> StudySpec:
         objectives=objectives,
         cpus=_positive(resources, "cpus", 1.0, "resources.", allow_zero=False),
         gpus=_positive(resources, "gpus", 0.0, "resources."),
+        pack=int(_positive(resources, "pack", 1, "resources.", integer=True, allow_zero=False)),
         concurrency=int(_positive(data, "concurrency", 0, "", integer=True)),
         max_failures=int(_positive(data, "max_failures", 2, "", integer=True)),
         scheduler=_scheduler(data.get("scheduler")),
         storage=str(data.get("storage", "results")),
     )
     _validate_trials(spec)
+    _validate_pack(spec)
     return spec
+
+
+def _validate_pack(spec: StudySpec) -> None:
+    """Packs hold the seeds of one grid point on MLP nets (a dataset streamed from disk is
+    refused when the pack starts: whether one is streamed shows only once it is found)."""
+    if spec.pack == 1:
+        return
+    if spec.search_type != "grid" or "seed" not in spec.grid:
+        raise GvaeError(
+            "resources.pack: packs the seeds of a grid; add search.grid.seed or use pack 1"
+        )
+    if spec.scheduler is not None:
+        raise GvaeError(
+            "resources.pack: a scheduler stops trials one by one, not a pack's members; "
+            "remove scheduler or use pack 1"
+        )
+    for combo in spec.grid_trials():
+        config = TrialConfig.from_dict({**spec.base_config(), **combo})
+        if config.arch != "mlp":
+            raise GvaeError("resources.pack: only mlp nets pack; set arch: mlp or use pack 1")
 
 
 def _require_mapping(value: Any, key: str) -> None:

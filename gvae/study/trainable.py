@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,51 @@ from gvae.divergence import Diverged
 from gvae.errors import GvaeError
 from gvae.evaluator import Evaluator
 from gvae.study.checkpoints import newest_checkpoint
+from gvae.study.packs import is_pack, members
 from gvae.study.replicates import SUGGESTION
-from gvae.trainer import resolve_device, run_trial
+from gvae.trainer import resolve_device, run_pack, run_trial
 
 
 def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, Any]]) -> None:
-    """Run one trial under Ray Tune, resuming from the trial's checkpoint after a failure.
+    """Run one trial (or pack, gvae.study.packs) under Ray Tune, resuming from the trial's
+    checkpoint after a failure.
 
     `evaluator_states`: the evaluator of each dataset of the study, by dataset name."""
     params = {key: value for key, value in params.items() if key != SUGGESTION}
-    config = TrialConfig.from_dict(params).validate()
-    device = resolve_device(config.device)
-    evaluator = _cached_evaluator(evaluator_states[config.dataset], device)
-    context = {
+    configs = [TrialConfig.from_dict(fields).validate() for _, fields in members("", params)]
+    device = resolve_device(configs[0].device)
+    evaluator = _cached_evaluator(evaluator_states[configs[0].dataset], device)
+    context = _context(device, evaluator)
+    train = (
+        _lone_trainer(configs[0], context)
+        if not is_pack(params)
+        else _pack_trainer(configs, context)
+    )
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint = _catch_up(checkpoint, context)
+    try:
+        if checkpoint is None:
+            train(None, evaluator)
+        else:
+            with checkpoint.as_directory() as directory:
+                train(Path(directory), evaluator)
+    except Diverged as error:
+        # Not retried: the same config and seed would diverge again at the same iteration.
+        tune.report({**context, **_divergence(error)})
+    except Exception as error:
+        reason = permanent_failure(error)
+        if reason is None:
+            raise  # Tune retries it from the last checkpoint, up to max_failures times
+        # Tune retries every exception a trial raises; ending the trial with this report is the
+        # only way to fail it at once. The recorder marks it failed, the searcher as FAIL.
+        tune.report({**context, "failed_error": reason})
+
+
+def _context(device: torch.device, evaluator: Evaluator) -> dict[str, Any]:
+    """What every result of the trial carries besides its metrics."""
+    return {
         "device_used": str(device),
         "node": socket.gethostname(),
         "node_id": ray.get_runtime_context().get_node_id(),  # tells apart nodes on one host
@@ -43,38 +76,70 @@ def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, An
         "mode_attributes": " x ".join(evaluator.mode_attributes) or None,
     }
 
-    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        scalars = move_arrays_into_checkpoint(metrics, checkpoint_dir)
-        (checkpoint_dir / RESULT_FILE).write_text(json.dumps(scalars, default=str))
-        tune.report(
-            {**scalars, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
-        )
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        checkpoint = _catch_up(checkpoint, context)
-    try:
-        if checkpoint is None:
-            run_trial(config, report=report, evaluator=evaluator, log=_quiet)
-        else:
-            with checkpoint.as_directory() as directory:
-                run_trial(
-                    config,
-                    report=report,
-                    resume_from=Path(directory),
-                    evaluator=evaluator,
-                    log=_quiet,
-                )
-    except Diverged as error:
-        # Not retried: the same config and seed would diverge again at the same iteration.
-        tune.report({**context, "diverged_at": error.iteration, "diverged_error": str(error)})
-    except Exception as error:
-        reason = permanent_failure(error)
-        if reason is None:
-            raise  # Tune retries it from the last checkpoint, up to max_failures times
-        # Tune retries every exception a trial raises; ending the trial with this report is the
-        # only way to fail it at once. The recorder marks it failed, the searcher as FAIL.
-        tune.report({**context, "failed_error": reason})
+Train = Callable[[Path | None, Evaluator], None]  # (checkpoint to resume from, evaluator)
+
+
+def _report(result: dict[str, Any], context: dict[str, Any], checkpoint_dir: Path) -> None:
+    (checkpoint_dir / RESULT_FILE).write_text(json.dumps(result, default=str))
+    tune.report({**result, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+
+def _lone_trainer(config: TrialConfig, context: dict[str, Any]) -> Train:
+    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        _report(move_arrays_into_checkpoint(metrics, checkpoint_dir), context, checkpoint_dir)
+
+    def train(resume_from: Path | None, evaluator: Evaluator) -> None:
+        run_trial(config, report=report, resume_from=resume_from, evaluator=evaluator, log=_quiet)
+
+    return train
+
+
+def _pack_trainer(configs: list[TrialConfig], context: dict[str, Any]) -> Train:
+    """A pack reports its members' metrics as a list under MEMBERS, with their means (what
+    Tune's progress shows); a member that diverged reports that instead."""
+    reported = {"iteration": 0}
+
+    def report(rows: list[dict[str, Any]], checkpoint_dir: Path) -> None:
+        arrays = [{key: row[key] for key in ARRAY_KEYS if key in row} for row in rows]
+        if any(arrays):
+            (checkpoint_dir / ARRAYS_FILE).write_text(json.dumps({MEMBERS: arrays}))
+        scalars = [{k: v for k, v in row.items() if k not in ARRAY_KEYS} for row in rows]
+        reported["iteration"] = max(row.get("iteration", 0) for row in scalars)
+        _report(pack_result(scalars), context, checkpoint_dir)
+
+    def train(resume_from: Path | None, evaluator: Evaluator) -> None:
+        outcomes = run_pack(
+            configs, report=report, resume_from=resume_from, evaluator=evaluator, log=_quiet
+        )
+        if any(o.diverged and o.diverged.iteration > reported["iteration"] for o in outcomes):
+            # Members diverged after the last report, so the pack ended without telling.
+            rows = [_divergence(o.diverged) if o.diverged else {} for o in outcomes]
+            tune.report({**pack_result(rows), **context})
+
+    return train
+
+
+def _divergence(error: Diverged) -> dict[str, Any]:
+    return {"diverged_at": error.iteration, "diverged_error": str(error)}
+
+
+MEMBERS = "members"  # a pack's result: one metrics dict per member ({} when it has no news)
+PACK_MEANS = ("mode_entropy", "mean_image_entropy")
+
+
+def pack_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pack's result: its members' rows, their means, and a divergence once all diverged."""
+    training = [row for row in rows if "iteration" in row]
+    result: dict[str, Any] = {MEMBERS: rows}
+    if training:
+        result["iteration"] = training[0]["iteration"]
+        for name in PACK_MEANS:
+            result[name] = sum(row[name] for row in training) / len(training)
+    elif all("diverged_at" in row for row in rows):
+        result["diverged_at"] = max(row["diverged_at"] for row in rows)
+        result["diverged_error"] = "every member of the pack diverged"
+    return result
 
 
 def _catch_up(checkpoint: tune.Checkpoint, context: dict[str, Any]) -> tune.Checkpoint:
