@@ -1,8 +1,11 @@
 """Trials packed onto one GPU with Ray's fractional GPUs: aggregate throughput and utilisation.
 
-Run as `python bench/packing_benchmark.py [--fractions 1 0.25 0.125 0.0625] [--seeds 4]
+Run as `python bench/packing_benchmark.py [--fractions 1 0.25 0.125 0.0625 0.2:5] [--seeds 4]
 [--iterations 400] [--models gan wgan vae vaegan cvaegan]`. Not a test: it prints one line per
 GPU fraction and a projection of `studies/paper.yaml` (see bench/README.md).
+
+A fraction written `F:K` runs packs (`resources.pack: K`, gvae.pack): K seeds per model, trained
+as one pack per model, each pack with F of the GPU; its speeds are member-iterations.
 
 For each fraction f, `gvae study run` runs the same grid (every model x `--seeds` seeds, one CPU
 and f GPU per trial, so up to 1/f trials share the GPU) while `nvidia-smi` samples the GPU's
@@ -90,9 +93,12 @@ class GpuSampler:
         )
 
 
-def study_file(folder: Path, fraction: float, seeds: int, args: argparse.Namespace) -> Path:
+def study_file(
+    folder: Path, fraction: float, pack: int, seeds: int, args: argparse.Namespace
+) -> Path:
     gpu = args.device == "cuda"
     name = f"packing_{str(fraction).replace('.', '_')}" if gpu else "packing_cpu"
+    name += f"_pack{pack}" if pack > 1 else ""
     spec = {
         "name": name,
         "dataset": "mnist5k",
@@ -104,7 +110,7 @@ def study_file(folder: Path, fraction: float, seeds: int, args: argparse.Namespa
         "eval_every": args.iterations // 2,
         "fixed": {"batch_size": 64, "eval_samples": args.eval_samples, "device": args.device},
         "search": {"grid": {"seed": list(range(seeds))}},
-        "resources": {"cpus": 1, "gpus": fraction if gpu else 0},
+        "resources": {"cpus": 1, "gpus": fraction if gpu else 0, "pack": pack},
         "max_failures": 0,
     }
     path = folder / f"{name}.yaml"
@@ -125,14 +131,23 @@ def trial_speeds(storage: Path, name: str) -> pd.DataFrame:
 
 
 def projected_paper_seconds(
-    per_model: dict[str, float], eval_s: dict[str, float], slots: int
+    per_model: dict[str, float], eval_s: dict[str, float], slots: int, pack: int
 ) -> float:
+    """Tune trials (packs of `pack` members) of 1M iterations at the measured speeds, `slots` at
+    a time; a pack evaluates each of its members."""
+    packs_per_model = -(-PAPER["trials_per_model"] // pack)
     durations = [
-        PAPER["iterations"] / per_model[model] + PAPER["evaluations"] * eval_s[model]
+        PAPER["iterations"] / per_model[model] + PAPER["evaluations"] * eval_s[model] * pack
         for model in per_model
-        for _ in range(PAPER["trials_per_model"])
+        for _ in range(packs_per_model)
     ]
     return max(sum(durations) / slots, max(durations))
+
+
+def parse_run(token: str) -> tuple[float, int]:
+    """`F` (a GPU fraction per trial) or `F:K` (per pack of K seeds)."""
+    fraction, _, pack = token.partition(":")
+    return float(fraction), int(pack or 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,9 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.storage or tempfile.mkdtemp(prefix="gvae-packing-"))
     folder.mkdir(parents=True, exist_ok=True)
     projections = []
-    for index, fraction in enumerate(args.fractions):
+    for index, (fraction, pack) in enumerate(map(parse_run, args.fractions)):
         seeds = args.alone_seeds if index == 0 and args.alone_seeds else args.seeds
-        path = study_file(folder, fraction, seeds, args)
+        seeds = pack if pack > 1 else seeds  # one pack per model
+        path = study_file(folder, fraction, pack, seeds, args)
         name = path.stem
         shutil.rmtree(folder / "results" / name, ignore_errors=True)
         tick = time.perf_counter()
@@ -171,12 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             alone = per_model  # the first fraction (1 by default) is the one-alone baseline
         serial = sum(row.iterations_done / alone[row.model] for row in table.itertuples())
         mean_util, max_util, memory = sampler.during(start, end)
+        tune_trials = len(table) // pack
         slots = (
-            min(int(round(1 / fraction)), len(table)) if args.device == "cuda" else os.cpu_count()
+            min(int(round(1 / fraction)), tune_trials) if args.device == "cuda" else os.cpu_count()
         )
         speeds = " ".join(f"{model} {per_model[model]:.0f}" for model in args.models)
+        run = f"{fraction:g}" + (f":{pack}" if pack > 1 else "")
         print(
-            f"{fraction:8g}  {slots:5d}  {wall:6.1f}  {phase:7.1f}  "
+            f"{run:>8s}  {slots:5d}  {wall:6.1f}  {phase:7.1f}  "
             f"{table.iterations_done.sum() / phase:8.0f}  {serial / phase:6.1f}x  "
             f"{mean_util:6.1f} / {max_util:5.1f}  {memory:7.0f}  {speeds}",
             flush=True,
@@ -184,18 +202,17 @@ def main(argv: list[str] | None = None) -> None:
         paper_slots = min(int(round(1 / fraction)), (os.cpu_count() or 1) // args.paper_cpus)
         # The paper evaluates 10,000 samples: evaluation time scaled from this study's count.
         eval_s = {model: seconds * 10_000 / args.eval_samples for model, seconds in eval_s.items()}
-        projected = projected_paper_seconds(per_model, eval_s, paper_slots)
-        projections.append((fraction, paper_slots, projected))
+        projected = projected_paper_seconds(per_model, eval_s, paper_slots, pack)
+        projections.append((fraction, pack, paper_slots, projected))
     print("\nstudies/paper.yaml projected (25 trials x 1M iterations, 50 evaluations each):")
-    for fraction, slots, seconds in projections:
-        print(
-            f"  gpus {fraction:g} per trial, {slots} at a time: {seconds / 3600:.2f} h", flush=True
-        )
+    for fraction, pack, slots, seconds in projections:
+        what = f"per pack of {pack}" if pack > 1 else "per trial"
+        print(f"  gpus {fraction:g} {what}, {slots} at a time: {seconds / 3600:.2f} h", flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fractions", nargs="+", type=float, default=[1, 0.25, 0.125, 0.0625])
+    parser.add_argument("--fractions", nargs="+", default=["1", "0.25", "0.125", "0.0625", "0.2:5"])
     parser.add_argument("--models", nargs="+", default=["gan", "wgan", "vae", "vaegan", "cvaegan"])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument(

@@ -17,7 +17,7 @@ from gvae.config import TrialConfig
 from gvae.data import load_dataset
 from gvae.divergence import Diverged, DivergenceWatch
 from gvae.evaluation import load_or_train_evaluator
-from gvae.trainer import CHECKPOINT_FILE, run_trial
+from gvae.trainer import CHECKPOINT_FILE, run_pack, run_trial
 
 pytestmark = [
     pytest.mark.cuda,
@@ -104,14 +104,15 @@ def test_the_evaluator_measures_on_cuda_as_on_the_cpu():
     )
 
 
-def test_gvae_reproduce_gives_identical_numbers_on_the_same_gpu(tmp_path, capsys):
+@pytest.mark.parametrize("seeds, pack", [("0", 1), ("0, 1", 2)])
+def test_gvae_reproduce_gives_identical_numbers_on_the_same_gpu(seeds, pack, tmp_path, capsys):
     import ray
 
     study = tmp_path / "gpu.yaml"
     study.write_text(
         "name: gpu\ndataset: mnist5k\nmodels: [gan, cvaegan]\niterations: 40\neval_every: 20\n"
         "fixed: {batch_size: 16, eval_samples: 300, device: cuda}\n"
-        "search: {grid: {seed: [0]}}\nresources: {cpus: 1, gpus: 0.5}\n"
+        f"search: {{grid: {{seed: [{seeds}]}}}}\nresources: {{cpus: 1, gpus: 0.5, pack: {pack}}}\n"
     )
     storage = str(tmp_path / "results")
     try:
@@ -124,3 +125,36 @@ def test_gvae_reproduce_gives_identical_numbers_on_the_same_gpu(tmp_path, capsys
     assert "identical to the recorded trial" in printed, printed
     row = pd.read_parquet(Path(storage) / "gpu" / "reproductions.parquet").iloc[-1]
     assert row["identical"] and row["same_device"] and str(row["device"]).startswith("cuda")
+
+
+PACK_SEEDS = (3, 7, 11)
+
+
+@pytest.mark.parametrize("model", ["gan", "wgan", "vae", "vaegan", "cvaegan"])
+def test_a_pack_is_deterministic_on_cuda_and_its_members_start_as_their_lone_trials(model):
+    configs = [tiny(model, seed=seed, d=0.3) for seed in PACK_SEEDS]
+    first = run_pack(configs, log=quiet)
+    second = run_pack(configs, log=quiet)
+    for a, b in zip(first, second, strict=True):
+        assert a.device.startswith("cuda") and a.diverged is None
+        assert numbers(a) == numbers(b)
+        assert a.final["image_entropies"] == b.final["image_entropies"]
+    lone = run_trial(configs[1], log=quiet)
+    losses = [key for key in lone.curve[0] if key.endswith("_loss")]
+    for key in losses:  # the first window's mean losses, to the rounding of batched matmuls
+        assert first[1].curve[0][key] == pytest.approx(lone.curve[0][key], rel=1e-2, abs=1e-3)
+
+
+def test_a_pack_resumes_from_its_checkpoint_on_cuda(tmp_path):
+    configs = [tiny("cvaegan", seed=seed) for seed in PACK_SEEDS]
+    straight = run_pack(configs, log=quiet)
+
+    def keep(_rows, directory: Path) -> None:
+        (tmp_path / CHECKPOINT_FILE).write_bytes((directory / CHECKPOINT_FILE).read_bytes())
+
+    run_pack(
+        [tiny("cvaegan", seed=seed, iterations=10) for seed in PACK_SEEDS], report=keep, log=quiet
+    )
+    resumed = run_pack(configs, resume_from=tmp_path, log=quiet)
+    for a, b in zip(straight, resumed, strict=True):
+        assert numbers(a) == numbers(b)
