@@ -67,6 +67,22 @@ BAD = [
     (VALID, "search.random", {}, "search.random"),
     (VALID, "resources", {"cpus": 0}, "resources.cpus"),
     (VALID, "resources", {"gpu": 1}, "resources.gpu"),
+    (VALID, "resources", {"pack": 0}, "resources.pack"),
+    (VALID, "resources", {"pack": 2.5}, "resources.pack"),
+    (
+        changed(VALID, "search.grid", {"lam": [1.0, 2.0]}),
+        "resources",
+        {"pack": 2},
+        "resources.pack",
+    ),
+    (changed(VALID, "fixed.arch", "conv"), "resources", {"pack": 2}, "resources.pack"),
+    (
+        changed(VALID, "scheduler", {"asha": {"metric": "mode_entropy", "mode": "max"}}),
+        "resources",
+        {"pack": 2},
+        "resources.pack",
+    ),
+    (OPTUNA, "resources", {"pack": 2}, "resources.pack"),
     (VALID, "scheduler", {"asha": {"metric": "fid"}}, "scheduler.asha.metric"),
     (OPTUNA, "search.optuna.space.lam.low", 20.0, "search.optuna.space.lam.low"),
     (OPTUNA, "search.optuna.space.d", {"low": -1.0, "high": 1.0}, "search.optuna.space.d"),
@@ -133,6 +149,23 @@ def test_a_grid_study_over_two_datasets_trains_each_combination_on_its_dataset()
         for seed in (0, 1)
     }
     assert parse_study(VALID).datasets == ("mnist5k",)
+
+
+def test_a_packed_grid_parses_and_packs_each_points_seeds():
+    from gvae.study.packs import pack_points
+
+    spec = parse_study(
+        changed(changed(VALID, "resources", {"pack": 2}), "search.grid.seed", [4, 2, 9])
+    )
+    assert spec.pack == 2 and spec.trial_count == 6  # rows: one per member
+    packs = pack_points(spec.grid_trials(), spec.pack)
+    assert [(p["model"], p["seeds"]) for p in packs] == [
+        ("gan", "4,2"),
+        ("gan", "9"),
+        ("cvaegan", "4,2"),
+        ("cvaegan", "9"),
+    ]
+    assert all("seed" not in point for point in packs)
 
 
 def test_grid_and_optuna_parse():

@@ -23,6 +23,8 @@ STUDIES = {
     "grid": "models: [gan, vae, vaegan, cvaegan]\nsearch: {grid: {seed: [0, 1]}}",
     # A learning rate of 1e12 makes the VAE's loss infinite within a few steps: a diverged trial.
     "diverging": "models: [vae]\nsearch: {grid: {lr: [0.001, 1.0e+12]}}",
+    # Three seeds in packs of two: four Tune trials, six member rows.
+    "packed": "models: [gan, cvaegan]\nsearch: {grid: {seed: [0, 1, 2]}}\nresources: {pack: 2}",
     "optuna": """models: [cvaegan]
 search:
   optuna:
