@@ -181,3 +181,11 @@ def test_reproduce_re_runs_a_members_whole_pack_and_matches_it(storage, capsys):
     printed = capsys.readouterr().out
     assert "re-running the pack of seeds [0, 1]" in printed
     assert "identical to the recorded trial" in printed, printed
+
+
+def test_a_pack_whose_members_diverge_records_each_members_divergence(storage):
+    trials = pd.read_parquet(storage / "packed_diverging" / "trials.parquet")
+    assert sorted(trials.seed) == [0, 1] and set(trials.status) == {"diverged"}
+    for row in trials.itertuples():
+        assert 1 <= row.diverged_at <= 40 and row.iterations_done == row.diverged_at - 1
+        assert "not finite" in row.error

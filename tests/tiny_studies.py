@@ -25,6 +25,9 @@ STUDIES = {
     "diverging": "models: [vae]\nsearch: {grid: {lr: [0.001, 1.0e+12]}}",
     # Three seeds in packs of two: four Tune trials, six member rows.
     "packed": "models: [gan, cvaegan]\nsearch: {grid: {seed: [0, 1, 2]}}\nresources: {pack: 2}",
+    # A pack whose members both diverge (the learning rate of "diverging").
+    "packed_diverging": "models: [vae]\nsearch: {grid: {lr: [1.0e+12], seed: [0, 1]}}\n"
+    "resources: {pack: 2}",
     "optuna": """models: [cvaegan]
 search:
   optuna:
