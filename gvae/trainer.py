@@ -155,17 +155,13 @@ def _train(
             progress.note_diverged(watch.check())
             if progress.all_diverged():
                 break
-            window_seconds = time.perf_counter() - window_start
+            speed = window_iterations / max(time.perf_counter() - window_start, 1e-9)
             progress.iteration = iteration
             rows = _evaluate(model, evaluator, eval_noise, progress, out_dir)
             for member, row in rows.items():
-                row.update(
-                    {
-                        name: float(total[member]) / window_iterations
-                        for name, total in loss_sums.items()
-                    }
-                )
-                row["iterations_per_second"] = window_iterations / max(window_seconds, 1e-9)
+                row.update({name: float(total[member]) / window_iterations
+                            for name, total in loss_sums.items()})  # fmt: skip
+                row["iterations_per_second"] = speed
                 progress.curves[member].append(row)
                 log(_progress_line(configs[member], row))
             _checkpoint_and_report(model, batches, device, progress, report)
@@ -176,6 +172,12 @@ def _train(
     if not any(progress.finals) and not progress.all_diverged():
         # resumed from a checkpoint of the last iteration: nothing left to train
         _evaluate(model, evaluator, eval_noise, progress, None)
+    return _outcomes(progress, device, evaluator)
+
+
+def _outcomes(
+    progress: _Progress, device: torch.device, evaluator: Evaluator
+) -> list[TrialOutcome]:
     return [
         TrialOutcome(
             config=member,
@@ -187,7 +189,7 @@ def _train(
             mode_attributes=evaluator.mode_attributes,
             diverged=progress.diverged[index],
         )
-        for index, member in enumerate(configs)
+        for index, member in enumerate(progress.configs)
     ]
 
 
