@@ -210,16 +210,28 @@ def reproduce(
 def _rerun(row: dict[str, Any], config: TrialConfig, log: Callable) -> Any:
     """The trial's outcome re-run: alone, or as a member of its whole pack again (a member's
     numbers reproduce only beside the members it trained with)."""
-    from gvae.trainer import run_pack, run_trial  # torch: imported only when a trial runs
+    from gvae.trainer import run_trial  # torch: imported only when a trial runs
 
     seeds = row.get("pack_seeds")
     if seeds is None or not isinstance(row.get("pack"), str):
         return run_trial(config, log=log)
     seeds = [int(seed) for seed in seeds]
-    log(f"re-running the pack of seeds {seeds} that trial {row['trial_id']} trained in")
-    configs = [dataclasses.replace(config, seed=seed) for seed in seeds]
-    outcomes = run_pack(configs, log=log)
-    return outcomes[seeds.index(config.seed)]
+    pack = tuple(dataclasses.replace(config, seed=seed) for seed in seeds)
+    return _pack_outcomes(pack, row["pack"], log)[seeds.index(config.seed)]
+
+
+_LAST_PACK: dict[tuple[TrialConfig, ...], list[Any]] = {}  # the pack re-run last, by its configs
+
+
+def _pack_outcomes(pack: tuple[TrialConfig, ...], name: str, log: Callable) -> list[Any]:
+    """The outcomes of the pack re-run, once for all its members that one command re-runs."""
+    from gvae.trainer import run_pack
+
+    if pack not in _LAST_PACK:
+        log(f"re-running pack {name} (seeds {[config.seed for config in pack]})")
+        _LAST_PACK.clear()
+        _LAST_PACK[pack] = run_pack(list(pack), log=log)
+    return _LAST_PACK[pack]
 
 
 def _recorded_threads(row: dict[str, Any], default: int) -> int:

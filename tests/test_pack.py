@@ -179,7 +179,7 @@ def test_reproduce_re_runs_a_members_whole_pack_and_matches_it(storage, capsys):
     member = trials[(trials.model == "cvaegan") & (trials.seed == 1)].iloc[0]
     assert main(["reproduce", "packed", "--storage", str(storage), "--trial", member.trial_id]) == 0
     printed = capsys.readouterr().out
-    assert "re-running the pack of seeds [0, 1]" in printed
+    assert "(seeds [0, 1])" in printed
     assert "identical to the recorded trial" in printed, printed
 
 

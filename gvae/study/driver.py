@@ -37,10 +37,10 @@ from gvae.io import atomic_local_filesystem
 from gvae.study.checkpoints import KEPT_WHILE_RUNNING, KeepLastCheckpoint
 from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
 from gvae.study.lease import StudyLease
-from gvae.study.packs import SEEDS, pack_points
+from gvae.study.packs import PACKED_SUGGESTION, SEEDS, pack_points, replicate_seeds
 from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
-from gvae.study.replicates import SeedReplicates
+from gvae.study.replicates import SUGGESTION, SeedReplicates
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.searcher import DivergenceTolerantASHA, make_tolerant, tolerant_search
@@ -296,10 +296,7 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
         objective, params = (first.metric, first.mode), ("model", *spec.space, *seeds)
     if spec.pack > 1:  # Tune's trials are packs, which show their seeds
         params = tuple(SEEDS if key == "seed" else key for key in params)
-        return ConsoleProgress(
-            len(pack_points(spec.grid_trials(), spec.pack)), objective=objective, params=params
-        )
-    return ConsoleProgress(spec.trial_count, objective=objective, params=params)
+    return ConsoleProgress(spec.tune_trial_count, objective=objective, params=params)
 
 
 def _callbacks(spec: StudySpec, recorder: ParquetRecorder, verbose: bool) -> list[Any]:
@@ -388,11 +385,14 @@ def _new_tuner(
             tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
         )
         param_space.update({key: _domain(value) for key, value in spec.space.items()})
+        if spec.pack > 1:  # one trial per suggestion, training its replicates as one pack
+            param_space[SEEDS] = replicate_seeds(spec.fixed.get("seed", 0), spec.replicates)
+            param_space[SUGGESTION] = PACKED_SUGGESTION
         # Diverged trials tolerated outermost, so the replicates and Optuna inside see them as
         # failed; the concurrency limit sits inside too (see tolerant_search).
         tune_config["search_alg"] = tolerant_search(_optuna_search(spec), spec.concurrency or None)
         tune_config["max_concurrent_trials"] = None
-        tune_config["num_samples"] = spec.trial_count
+        tune_config["num_samples"] = spec.tune_trial_count
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=store.root,
@@ -420,7 +420,7 @@ def _optuna_search(spec: StudySpec) -> Searcher:
         mode=[o.mode for o in spec.objectives],
         seed=0,
     )
-    if spec.replicates > 1:
+    if spec.replicates > 1 and spec.pack == 1:
         search = SeedReplicates(search, spec.replicates, base_seed=spec.fixed.get("seed", 0))
     return search
 

@@ -1,9 +1,11 @@
-"""Packs in a study: the seeds of a grid point, trained as one pack (gvae.pack) by one Tune trial.
+"""Packs in a study: the seeds of a grid point, or the seed replicates of an Optuna suggestion,
+trained as one pack (gvae.pack) by one Tune trial.
 
 Tune sees one trial per pack, whose config holds `seeds` instead of `seed`; the tables see one
 row per member, as if each seed had been its own trial: the member's row id is the pack's trial
 id with `_seed<k>` appended, its `pack` column names the pack's trial and `pack_seeds` lists the
-pack's seeds in order (what `gvae reproduce` runs again).
+pack's seeds in order (what `gvae reproduce` runs again). An Optuna pack is one suggestion: its
+members' `suggestion` is the pack's trial id, and Optuna is told the members' means.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ def pack_points(points: list[dict[str, Any]], size: int) -> list[dict[str, Any]]
             rest = {key: value for key, value in chunk[0].items() if key != "seed"}
             packed.append({**rest, SEEDS: ",".join(str(point["seed"]) for point in chunk)})
     return packed
+
+
+# The `suggestion` an Optuna pack trial's config carries: its members are the replicates of one
+# suggestion, whose id is the pack's trial id (known only once Tune names the trial).
+PACKED_SUGGESTION = "this pack"
+
+
+def replicate_seeds(base_seed: int, replicates: int) -> str:
+    """The SEEDS value of an Optuna pack: the replicates' seeds, base_seed + 0 .. K-1."""
+    return ",".join(str(base_seed + index) for index in range(replicates))
 
 
 def is_pack(params: dict[str, Any]) -> bool:

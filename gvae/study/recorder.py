@@ -25,11 +25,11 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from gvae.config import TrialConfig
-from gvae.study.packs import PACK, PACK_SEEDS, is_pack, members, seeds_of
+from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
 from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 from gvae.study.spec import EVALUATION_METRICS
-from gvae.study.trainable import MEMBERS, PACK_MEANS, read_checkpoint_arrays
+from gvae.study.trainable import MEMBERS, read_checkpoint_arrays
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
 # Scalar metrics of an evaluation besides the two entropies: Fréchet distance, mode counts,
@@ -273,6 +273,8 @@ def _rows_of(trial: Any) -> list[tuple[str, dict[str, Any]]]:
     rows = members(trial.trial_id, trial.config)
     if is_pack(trial.config):
         pack = {PACK: trial.trial_id, PACK_SEEDS: seeds_of(trial.config)}
+        if trial.config.get(SUGGESTION) == PACKED_SUGGESTION:  # the replicates of a suggestion
+            pack[SUGGESTION] = trial.trial_id
         return [(row_id, {**fields, **pack}) for row_id, fields in rows]
     return rows
 
@@ -282,11 +284,8 @@ def _member_results(trial: Any, result: dict[str, Any]) -> list[dict[str, Any]]:
     device, node, timing) and its own metrics; {} for a member with nothing new."""
     if not is_pack(trial.config) or MEMBERS not in result:
         return [result] * len(_rows_of(trial))  # a lone trial, or a failure of the whole pack
-    shared = {key: value for key, value in result.items() if key not in _PACK_SUMMARY}
+    shared = {key: result[key] for key in (*CONTEXT_KEYS, "time_total_s") if key in result}
     return [{**shared, **member} if member else {} for member in result[MEMBERS]]
-
-
-_PACK_SUMMARY = (MEMBERS, "iteration", *PACK_MEANS, "diverged_at", "diverged_error")
 
 
 def _with_summary(row: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:

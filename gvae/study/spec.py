@@ -17,6 +17,7 @@ import yaml
 
 from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.errors import GvaeError
+from gvae.study.packs import pack_points
 
 TOP_KEYS = {
     "name",
@@ -123,6 +124,15 @@ class StudySpec:
         return combos
 
     @property
+    def tune_trial_count(self) -> int:
+        """Trials as Tune runs them: packs count once (`trial_count` counts their members)."""
+        if self.search_type == "optuna":
+            return self.trials if self.pack > 1 else self.trials * self.replicates
+        return (
+            len(pack_points(self.grid_trials(), self.pack)) if self.pack > 1 else self.trial_count
+        )
+
+    @property
     def trial_count(self) -> int:
         if self.search_type == "grid":
             return len(self.grid_trials())
@@ -204,11 +214,17 @@ def parse_study(data: Any) -> StudySpec:
 
 
 def _validate_pack(spec: StudySpec) -> None:
-    """Packs hold the seeds of one grid point on MLP nets (a dataset streamed from disk is
-    refused when the pack starts: whether one is streamed shows only once it is found)."""
+    """Packs hold the seeds of one grid point, or an Optuna suggestion's replicates, on MLP nets
+    (a dataset streamed from disk is refused when the pack starts: whether one is streamed shows
+    only once it is found)."""
     if spec.pack == 1:
         return
-    if spec.search_type != "grid" or "seed" not in spec.grid:
+    if spec.search_type == "optuna" and spec.pack != spec.replicates:
+        raise GvaeError(
+            "resources.pack: an Optuna study packs each suggestion's replicates; set it to "
+            f"search.optuna.replicates ({spec.replicates}) or 1"
+        )
+    if spec.search_type == "grid" and "seed" not in spec.grid:
         raise GvaeError(
             "resources.pack: packs the seeds of a grid; add search.grid.seed or use pack 1"
         )
@@ -217,7 +233,7 @@ def _validate_pack(spec: StudySpec) -> None:
             "resources.pack: a scheduler stops trials one by one, not a pack's members; "
             "remove scheduler or use pack 1"
         )
-    for combo in spec.grid_trials():
+    for combo in _corner_trials(spec):
         config = TrialConfig.from_dict({**spec.base_config(), **combo})
         if config.arch != "mlp":
             raise GvaeError("resources.pack: only mlp nets pack; set arch: mlp or use pack 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import tempfile
 from collections.abc import Callable
@@ -120,22 +121,29 @@ def _pack_trainer(configs: list[TrialConfig], context: dict[str, Any]) -> Train:
     return train
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _divergence(error: Diverged) -> dict[str, Any]:
     return {"diverged_at": error.iteration, "diverged_error": str(error)}
 
 
 MEMBERS = "members"  # a pack's result: one metrics dict per member ({} when it has no news)
-PACK_MEANS = ("mode_entropy", "mean_image_entropy")
 
 
 def pack_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A pack's result: its members' rows, their means, and a divergence once all diverged."""
+    """A pack's result: its members' rows; the mean of each metric over the members that give
+    it a finite value (what Tune's progress and an Optuna searcher see, as the mean over seed
+    replicates); and a divergence once every member diverged."""
     training = [row for row in rows if "iteration" in row]
     result: dict[str, Any] = {MEMBERS: rows}
     if training:
         result["iteration"] = training[0]["iteration"]
-        for name in PACK_MEANS:
-            result[name] = sum(row[name] for row in training) / len(training)
+        for name in training[0]:
+            finite = [row[name] for row in training if _is_finite_number(row.get(name))]
+            if finite and name != "iteration":
+                result[name] = sum(finite) / len(finite)
     elif all("diverged_at" in row for row in rows):
         result["diverged_at"] = max(row["diverged_at"] for row in rows)
         result["diverged_error"] = "every member of the pack diverged"
