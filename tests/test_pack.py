@@ -15,6 +15,7 @@ from gvae.errors import GvaeError
 from gvae.models import MODELS
 from gvae.models.base import build_pack
 from gvae.pack import StackedLinear
+from gvae.study.trainable import pack_result
 from gvae.trainer import CHECKPOINT_FILE, run_pack, run_trial
 from tests import tiny_studies
 
@@ -189,3 +190,39 @@ def test_a_pack_whose_members_diverge_records_each_members_divergence(storage):
     for row in trials.itertuples():
         assert 1 <= row.diverged_at <= 40 and row.iterations_done == row.diverged_at - 1
         assert "not finite" in row.error
+
+
+def test_an_optuna_pack_is_one_suggestion_and_optuna_is_told_its_members_means(storage):
+    import pickle
+
+    trials = pd.read_parquet(storage / "optuna_packed" / "trials.parquet")
+    assert len(trials) == 4 and set(trials.status) == {"finished"}
+    assert (trials.suggestion == trials.pack).all() and trials.pack.nunique() == 2
+    assert all(sorted(group.seed) == [0, 1] for _, group in trials.groupby("pack"))
+    (state,) = (storage / "optuna_packed" / "tune").glob("searcher-state-*.pkl")
+    told = pickle.loads(state.read_bytes())["_ot_study"].trials
+    assert len(told) == 2
+    for trial in told:
+        members = trials[(trials.lam - trial.params["lam"]).abs() < 1e-12]
+        means = [members.final_mode_entropy.mean(), members.final_mean_image_entropy.mean()]
+        assert len(members) == 2 and trial.values == pytest.approx(means)
+
+
+def test_a_packs_result_is_the_mean_over_the_members_with_finite_values():
+    rows = [
+        {
+            "iteration": 20,
+            "mode_entropy": 2.0,
+            "frechet_distance": math.nan,
+            "class_histogram": [1],
+        },
+        {"iteration": 20, "mode_entropy": 1.0, "frechet_distance": 40.0, "class_histogram": [2]},
+        {"diverged_at": 7, "diverged_error": "losses not finite"},
+        {},  # a member with nothing new
+    ]
+    result = pack_result(rows)
+    assert result["members"] == rows and result["iteration"] == 20
+    assert result["mode_entropy"] == 1.5 and result["frechet_distance"] == 40.0
+    assert "class_histogram" not in result and "diverged_at" not in result
+    ended = pack_result([{"diverged_at": 7, "diverged_error": "x"}, {"diverged_at": 9}])
+    assert ended["diverged_at"] == 9 and "iteration" not in ended

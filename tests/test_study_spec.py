@@ -82,7 +82,7 @@ BAD = [
         {"pack": 2},
         "resources.pack",
     ),
-    (OPTUNA, "resources", {"pack": 2}, "resources.pack"),
+    (OPTUNA, "resources", {"pack": 3}, "resources.pack"),  # not its replicates (2)
     (VALID, "scheduler", {"asha": {"metric": "fid"}}, "scheduler.asha.metric"),
     (OPTUNA, "search.optuna.space.lam.low", 20.0, "search.optuna.space.lam.low"),
     (OPTUNA, "search.optuna.space.d", {"low": -1.0, "high": 1.0}, "search.optuna.space.d"),

@@ -38,6 +38,10 @@ search:
 """,
 }
 
+STUDIES["optuna_packed"] = STUDIES["optuna"].replace("trials: 3", "trials: 2") + (
+    "resources: {pack: 2}\n"  # each suggestion's two replicates trained as one pack
+)
+
 _storage: list[Path] = []
 
 
