@@ -166,6 +166,12 @@ def test_a_packed_grid_parses_and_packs_each_points_seeds():
         ("cvaegan", "9"),
     ]
     assert all("seed" not in point for point in packs)
+    assert spec.tune_trial_count == 4
+
+
+def test_an_optuna_study_packs_each_suggestions_replicates():
+    spec = parse_study(changed(OPTUNA, "resources", {"pack": 2}))
+    assert spec.trial_count == 8 and spec.tune_trial_count == 4  # 4 suggestions x 2 seeds
 
 
 def test_grid_and_optuna_parse():
