@@ -67,32 +67,9 @@ def test_killed_and_resumed_study_records_the_same_tables_as_a_straight_run(
         search={"grid": {"seed": [0, 1]}},
     )
     straight_output = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "a"))
-
     storage = tmp_path / "b"
-    driver = gvae(cluster, "study", "run", str(study), "--storage", str(storage))
-    trials_path = storage / "same" / TRIALS
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if trials_path.is_dir() and (pd.read_parquet(trials_path).status == "finished").any():
-            break  # read while the study runs: a dataset folder that pandas reads whole
-        time.sleep(0.3)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    assert trials_path.is_dir(), "a killed driver does not compact"
-    run_ok(cluster, "study", "run", str(study), "--storage", str(storage))
-
-    straight, straight_curves = tables(tmp_path / "a", "same")
-    resumed, resumed_curves = tables(storage, "same")
-    pd.testing.assert_frame_equal(
-        comparable(straight, ["model", "seed"]), comparable(resumed, ["model", "seed"])
-    )
-    keys = ["model", "trial_id", "iteration"]
-    straight_curves = straight_curves.merge(straight[["trial_id", "seed"]], on="trial_id")
-    resumed_curves = resumed_curves.merge(resumed[["trial_id", "seed"]], on="trial_id")
-    pd.testing.assert_frame_equal(
-        comparable(straight_curves, keys[:1] + ["seed", "iteration"]),
-        comparable(resumed_curves, keys[:1] + ["seed", "iteration"]),
-    )
+    run_killed_and_resumed(cluster, study, storage)
+    assert_same_tables(tmp_path / "a", storage, "same")
 
     # Compacted: one file per table, every trial exactly once, every evaluation exactly once.
     for folder in (tmp_path / "a" / "same", storage / "same"):
@@ -117,6 +94,57 @@ def test_killed_and_resumed_study_records_the_same_tables_as_a_straight_run(
     assert ended[-1].startswith("[4/4] finished ")
     assert not any("╭" in line or "│" in line for line in lines)
     assert any(line.startswith("[4/4] 4 done  0 running  0 pending") for line in lines)
+
+
+def run_killed_and_resumed(cluster: LocalRayCluster, study: Path, storage: Path) -> None:
+    """Run the study, kill its driver once a trial has finished, and run it again to the end."""
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(storage))
+    trials_path = storage / study.stem / TRIALS
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if trials_path.is_dir() and (pd.read_parquet(trials_path).status == "finished").any():
+            break  # read while the study runs: a dataset folder that pandas reads whole
+        time.sleep(0.3)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert trials_path.is_dir(), "a killed driver does not compact"
+    run_ok(cluster, "study", "run", str(study), "--storage", str(storage))
+
+
+def assert_same_tables(straight_storage: Path, resumed_storage: Path, name: str) -> None:
+    """Both tables equal but for wall times and the ids Tune gave the trials (and packs)."""
+    straight, straight_curves = tables(straight_storage, name)
+    resumed, resumed_curves = tables(resumed_storage, name)
+    ids = ["pack"] if "pack" in straight else []
+    pd.testing.assert_frame_equal(
+        comparable(straight.drop(columns=ids), ["model", "seed"]),
+        comparable(resumed.drop(columns=ids), ["model", "seed"]),
+    )
+    keys = ["model", "seed", "iteration"]
+    straight_curves = straight_curves.merge(straight[["trial_id", "seed"]], on="trial_id")
+    resumed_curves = resumed_curves.merge(resumed[["trial_id", "seed"]], on="trial_id")
+    pd.testing.assert_frame_equal(
+        comparable(straight_curves, keys), comparable(resumed_curves, keys)
+    )
+
+
+@pytest.mark.slow
+def test_a_packed_study_killed_and_resumed_records_the_tables_of_a_straight_run(
+    cluster, evaluator_trained, tmp_path
+):
+    study = write_study(
+        tmp_path,
+        "packs",
+        models=["gan", "vae"],
+        concurrency=1,
+        search={"grid": {"seed": [0, 1]}},
+        resources={"pack": 2},
+    )
+    run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "a"))
+    run_killed_and_resumed(cluster, study, tmp_path / "b")
+    assert_same_tables(tmp_path / "a", tmp_path / "b", "packs")
+    trials, _ = tables(tmp_path / "b", "packs")
+    assert sorted(trials.groupby("pack").size()) == [2, 2] and set(trials.status) == {"finished"}
 
 
 # Simulated events: the recorder alone --------------------------------------------------------
