@@ -56,8 +56,9 @@ def comparable(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pack", [1, 2], ids=["trials", "packs"])
 def test_killed_and_resumed_study_records_the_same_tables_as_a_straight_run(
-    cluster, evaluator_trained, tmp_path
+    pack, cluster, evaluator_trained, tmp_path
 ):
     study = write_study(
         tmp_path,
@@ -65,6 +66,7 @@ def test_killed_and_resumed_study_records_the_same_tables_as_a_straight_run(
         models=["gan", "vae"],
         concurrency=1,
         search={"grid": {"seed": [0, 1]}},
+        resources={"cpus": 1, "pack": pack},  # 2: each model's seeds as one pack (Tune trial)
     )
     straight_output = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "a"))
     storage = tmp_path / "b"
@@ -85,15 +87,17 @@ def test_killed_and_resumed_study_records_the_same_tables_as_a_straight_run(
         assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
         assert set(curves.trial_id) == set(trials.trial_id)
 
-    # What a person reads: one line per trial and no Tune tables.
+    # What a person reads: one line per Tune trial (a pack's one) and no Tune tables.
+    runs = 4 // pack
     lines = straight_output.splitlines()
     ended = [line for line in lines if " finished " in line and line.startswith("[")]
-    assert (
-        len(ended) == 4 and sorted(line.split()[2] for line in ended) == ["gan"] * 2 + ["vae"] * 2
-    )
-    assert ended[-1].startswith("[4/4] finished ")
+    models = sorted(line.split()[2] for line in ended)
+    assert len(ended) == runs and models == ["gan"] * (runs // 2) + ["vae"] * (runs // 2)
+    assert ended[-1].startswith(f"[{runs}/{runs}] finished ")
     assert not any("╭" in line or "│" in line for line in lines)
-    assert any(line.startswith("[4/4] 4 done  0 running  0 pending") for line in lines)
+    assert any(
+        line.startswith(f"[{runs}/{runs}] {runs} done  0 running  0 pending") for line in lines
+    )
 
 
 def run_killed_and_resumed(cluster: LocalRayCluster, study: Path, storage: Path) -> None:
@@ -126,25 +130,6 @@ def assert_same_tables(straight_storage: Path, resumed_storage: Path, name: str)
     pd.testing.assert_frame_equal(
         comparable(straight_curves, keys), comparable(resumed_curves, keys)
     )
-
-
-@pytest.mark.slow
-def test_a_packed_study_killed_and_resumed_records_the_tables_of_a_straight_run(
-    cluster, evaluator_trained, tmp_path
-):
-    study = write_study(
-        tmp_path,
-        "packs",
-        models=["gan", "vae"],
-        concurrency=1,
-        search={"grid": {"seed": [0, 1]}},
-        resources={"pack": 2},
-    )
-    run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "a"))
-    run_killed_and_resumed(cluster, study, tmp_path / "b")
-    assert_same_tables(tmp_path / "a", tmp_path / "b", "packs")
-    trials, _ = tables(tmp_path / "b", "packs")
-    assert sorted(trials.groupby("pack").size()) == [2, 2] and set(trials.status) == {"finished"}
 
 
 # Simulated events: the recorder alone --------------------------------------------------------
