@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from gvae.errors import GvaeError
 
@@ -56,6 +57,30 @@ def _stacked_layer(layer: nn.Module, members: int) -> nn.Module:
     if isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd):
         raise GvaeError("pack: only the mlp architecture can be packed; use arch mlp or pack 1")
     return stacked(layer, members)  # a container (Sequential, Encoder): its children in turn
+
+
+def unstacked(net: nn.Module, member: int) -> nn.Module:
+    """Member `member` of a stacked Sequential as a lone net (its weights copied out): what its
+    lone trial's net would be with those weights."""
+    return nn.Sequential(*(_lone_layer(layer, member) for layer in net.children()))
+
+
+def _lone_layer(layer: nn.Module, member: int) -> nn.Module:
+    if isinstance(layer, StackedLinear):
+        width_in, width_out = layer.weight.shape[1:]
+        # skip_init: no random initialisation, which would draw from the global generator.
+        lone = skip_init(nn.Linear, width_in, width_out, device=layer.weight.device)
+        with torch.no_grad():
+            lone.weight.copy_(layer.weight[member].t())
+            lone.bias.copy_(layer.bias[member, 0])
+        return lone
+    if isinstance(layer, nn.Flatten):
+        return nn.Flatten(layer.start_dim - 1, layer.end_dim)
+    if isinstance(layer, nn.Unflatten):
+        return nn.Unflatten(layer.dim - 1, layer.unflattened_size)
+    if isinstance(layer, nn.Sequential):
+        return unstacked(layer, member)
+    return layer  # elementwise, without state
 
 
 @torch.no_grad()

@@ -249,14 +249,13 @@ def _evaluate(
 ) -> dict[int, dict[str, Any]]:
     """Evaluate the members still training: a curve row each (scalars and the mode histogram),
     by member; their arrays (per-image entropies, the sample grid) go to `progress.finals`."""
-    tick = time.perf_counter()
-    images = _member_images(model, eval_noise)
-    sampling_seconds = (time.perf_counter() - tick) / len(images)  # shared by the members
     rows: dict[int, dict[str, Any]] = {}
     for member in progress.training():
         tick = time.perf_counter()
-        row, progress.finals[member] = _measure(images[member], evaluator, progress.iteration)
-        row["eval_seconds"] = sampling_seconds + time.perf_counter() - tick
+        sample = model.member_sampler(member) if model.members else model.sample
+        images = torch.cat([sample(chunk) for chunk in eval_noise[member].split(SAMPLE_CHUNK)])
+        row, progress.finals[member] = _measure(images, evaluator, progress.iteration)
+        row["eval_seconds"] = time.perf_counter() - tick
         if out_dir is not None:
             grid_name = f"samples_{progress.iteration:07d}.png"
             if model.members:
@@ -264,15 +263,6 @@ def _evaluate(
             _save_grid(progress.finals[member]["grid_images"], out_dir / grid_name)
         rows[member] = row
     return rows
-
-
-def _member_images(model: GenerativeModel, eval_noise: torch.Tensor) -> torch.Tensor:
-    """The images of each member's evaluation noise, [members, samples, C, H, W]."""
-    if not model.members:
-        chunks = eval_noise[0].split(SAMPLE_CHUNK)
-        return torch.cat([model.sample(chunk) for chunk in chunks]).unsqueeze(0)
-    chunks = eval_noise.split(SAMPLE_CHUNK, dim=1)
-    return torch.cat([model.sample(chunk) for chunk in chunks], dim=1)
 
 
 def _measure(

@@ -226,3 +226,15 @@ def test_a_packs_result_is_the_mean_over_the_members_with_finite_values():
     assert "class_histogram" not in result and "diverged_at" not in result
     ended = pack_result([{"diverged_at": 7, "diverged_error": "x"}, {"diverged_at": 9}])
     assert ended["diverged_at"] == 9 and "iteration" not in ended
+
+
+def test_a_members_generator_unstacked_is_its_lone_trials_generator_with_its_weights():
+    configs = [tiny("vaegan", seed) for seed in SEEDS]
+    pack = build_pack(MODELS["vaegan"], configs, SHAPE, torch.device("cpu"))
+    latent = torch.randn(5, configs[0].latent_dim)
+    for member, config in enumerate(configs):
+        torch.manual_seed(config.seed)
+        lone = MODELS["vaegan"](config, SHAPE, torch.device("cpu"))  # the member's start
+        sampled = pack.member_sampler(member)(latent)
+        assert torch.equal(sampled, lone.sample(latent))  # the same weights, unbatched matmuls
+        assert sampled.shape == (5, *SHAPE)

@@ -12,7 +12,7 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from gvae.config import TrialConfig
 from gvae.nets import Architecture, ImageShape, architecture
-from gvae.pack import load_member, member_noise, stacked
+from gvae.pack import load_member, member_noise, stacked, unstacked
 
 BatchSource = Callable[[], torch.Tensor]
 Losses = dict[str, torch.Tensor]
@@ -108,6 +108,17 @@ class GenerativeModel:
         if self.members:
             return member_noise(self.member_generators, *tensor.shape[1:], self.device)
         return torch.randn_like(tensor)
+
+    def member_sampler(self, member: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`sample` for one member of a pack, through its generator alone: evaluating a pack
+        needs one member's images at a time, not the whole pack's."""
+        generator = unstacked(self.generator, member)
+
+        @torch.no_grad()
+        def sample(latent: torch.Tensor) -> torch.Tensor:
+            return generator(latent.to(self.device))
+
+        return sample
 
     @torch.no_grad()
     def sample(self, latent: torch.Tensor) -> torch.Tensor:
