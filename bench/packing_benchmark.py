@@ -221,7 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument(
-        "--paper-cpus", type=int, default=2, help="CPUs per trial in paper.yaml (2)"
+        "--paper-cpus", type=int, default=1, help="CPUs per trial or pack in paper.yaml (1)"
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--storage", default=None, help="results folder (a temporary one)")
