@@ -64,6 +64,7 @@ BAD = [
     (VALID, "fixed.lamda", 1.0, "fixed.lamda"),
     (VALID, "search.grid.lam", [1.0, -0.5], "search.grid.lam"),
     (VALID, "search.grid.seed", [], "search.grid.seed"),
+    (VALID, "search.grid.seed", [0, 1, 0], "search.grid.seed"),
     (VALID, "search.random", {}, "search.random"),
     (VALID, "resources", {"cpus": 0}, "resources.cpus"),
     (VALID, "resources", {"gpu": 1}, "resources.gpu"),

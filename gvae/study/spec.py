@@ -319,6 +319,11 @@ def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...], i
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise GvaeError(f"search.grid.{key}: expected a non-empty list of values")
+            repeated = [value for index, value in enumerate(values) if value in values[:index]]
+            if repeated:  # the same trial twice; as seeds of a pack, one member twice
+                raise GvaeError(
+                    f"search.grid.{key}: {repeated[0]!r} is listed twice; list each value once"
+                )
         return "grid", dict(grid), {}, 1, (), 1
     optuna = search["optuna"]
     _require_mapping(optuna, "search.optuna")
