@@ -128,9 +128,6 @@ def _train(
         evaluator = load_or_train_evaluator(dataset, log=log)
     evaluator = evaluator.to(device)
     model, batches = _model_and_batches(configs, packed, dataset, device)
-    # Fixed evaluation noise, drawn apart from the training streams: every evaluation of a trial
-    # looks at the same latent codes, and evaluating never shifts the training randomness.
-    eval_noise = torch.stack([_evaluation_noise(member) for member in configs])
 
     progress = _Progress(configs)
     if resume_from is not None:
@@ -157,7 +154,7 @@ def _train(
                 break
             speed = window_iterations / max(time.perf_counter() - window_start, 1e-9)
             progress.iteration = iteration
-            rows = _evaluate(model, evaluator, eval_noise, progress, out_dir)
+            rows = _evaluate(model, evaluator, progress, out_dir)
             for member, row in rows.items():
                 row.update({name: float(total[member]) / window_iterations
                             for name, total in loss_sums.items()})  # fmt: skip
@@ -171,7 +168,7 @@ def _train(
 
     if not any(progress.finals) and not progress.all_diverged():
         # resumed from a checkpoint of the last iteration: nothing left to train
-        _evaluate(model, evaluator, eval_noise, progress, None)
+        _evaluate(model, evaluator, progress, None)
     return _outcomes(progress, device, evaluator)
 
 
@@ -207,6 +204,9 @@ def _model_and_batches(
 
 
 def _evaluation_noise(config: TrialConfig) -> torch.Tensor:
+    """Fixed evaluation noise, drawn apart from the training streams: every evaluation of a
+    trial looks at the same latent codes, and evaluating never shifts the training randomness.
+    Drawn again at each evaluation (milliseconds), so a pack holds one member's at a time."""
     generator = torch.Generator().manual_seed(config.seed)
     return torch.randn(config.eval_samples, config.latent_dim, generator=generator)
 
@@ -243,7 +243,6 @@ class _Progress:
 def _evaluate(
     model: GenerativeModel,
     evaluator: Evaluator,
-    eval_noise: torch.Tensor,
     progress: _Progress,
     out_dir: Path | None,
 ) -> dict[int, dict[str, Any]]:
@@ -253,7 +252,8 @@ def _evaluate(
     for member in progress.training():
         tick = time.perf_counter()
         sample = model.member_sampler(member) if model.members else model.sample
-        images = torch.cat([sample(chunk) for chunk in eval_noise[member].split(SAMPLE_CHUNK)])
+        noise = _evaluation_noise(progress.configs[member])
+        images = torch.cat([sample(chunk) for chunk in noise.split(SAMPLE_CHUNK)])
         row, progress.finals[member] = _measure(images, evaluator, progress.iteration)
         row["eval_seconds"] = time.perf_counter() - tick
         if out_dir is not None:
