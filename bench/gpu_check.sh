@@ -65,5 +65,5 @@ part pack_benchmark 120 "$py" bench/pack_benchmark.py --device cuda --packs 1 5 
 part packing 260 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200 --fractions 1 0.0625 0.2:5 0.2:32
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
 part gpu_step 150 "$py" bench/gpu_step.py --iterations 100 --repeats 3
-part compile 90 "$py" bench/gpu_step.py --models gan --stacks --compile --iterations 100
+part compile 90 "$py" bench/gpu_step.py --models gan --compile --iterations 100
 echo "== done at $(date +%T), ${SECONDS}s"

@@ -1,9 +1,10 @@
-"""What a GPU training step costs in host syncs and kernel launches, and what packing buys.
+"""What a GPU training step costs in host syncs and kernel launches.
 
-Run as `python bench/gpu_step.py [--iterations 300] [--models ...] [--stacks 1 8 32 128]
-[--compile]`. Not a test: it prints two tables (see bench/README.md).
+Run as `python bench/gpu_step.py [--iterations 300] [--models ...] [--compile]`. Not a test: it
+prints a table (see bench/README.md). Packs, K models trained as one batched computation, are
+measured by bench/pack_benchmark.py.
 
-1. Per model, iterations per second of the trainer's step (mnist5k, batch 64, default config):
+Per model, iterations per second of the trainer's step (mnist5k, batch 64, default config):
    - `sync`: the step plus a finiteness check turned into a Python bool, a host sync per step
      (the trainer before the divergence watch);
    - `async`: the step plus `DivergenceWatch` (the trainer now);
@@ -16,16 +17,13 @@ Run as `python bench/gpu_step.py [--iterations 300] [--models ...] [--stacks 1 8
      `algos` under `torch.use_deterministic_algorithms(True)`;
    - `compile`: `torch.compile(mode="reduce-overhead")` of the step (with `--compile`), and the
      seconds its compilation took.
-2. The paper's MLP GAN stacked K times: K models trained in lockstep as one batched computation
-   (weights [K, in, out], `baddbmm`), eager and as a CUDA graph, in model-iterations per second.
 
-On the CPU only the eager columns and the eager stack run.
+On the CPU only the eager columns run.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -34,14 +32,13 @@ import traceback
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from benchmark import synchronise  # bench/ is on the path of a script run from it
-from torch import nn
 
 from gvae.config import MODEL_NAMES, TrialConfig
-from gvae.data import load_dataset, training_batches
+from gvae.data import load_dataset
 from gvae.divergence import DivergenceWatch
-from gvae.models import MODELS, GenerativeModel
+from gvae.models import GenerativeModel
+from gvae.trainer import model_and_batches
 
 BATCH_SIZE = 64
 DATASET = "mnist5k"
@@ -69,11 +66,9 @@ def build(
     config = (
         TrialConfig(model=name, batch_size=BATCH_SIZE, device=str(device)).validate().resolved()
     )
-    torch.manual_seed(config.seed)
-    model = MODELS[name](config, load_dataset(DATASET).image_shape, device)
+    model, batches = model_and_batches([config], False, load_dataset(DATASET), device)
     if capturable:  # before any step: RMSprop makes its step counters on the device only so
         model.optimizers = {key: _capturable(opt) for key, opt in model.optimizers.items()}
-    batches = training_batches(load_dataset(DATASET), BATCH_SIZE, config.seed, device)
     return model, batches
 
 
@@ -283,104 +278,11 @@ def compile_cells(name: str, device: torch.device, args: argparse.Namespace) -> 
         return [f"compile failed: {type(error).__name__}: {str(error)[:80]}"]
 
 
-# --- K paper-MLP GANs as one batched computation ---------------------------------------------
-
-
-class StackedLinear(nn.Module):
-    """K independent linear layers: weight [K, in, out], bias [K, 1, out]; input [K, B, in]."""
-
-    def __init__(self, stack: int, width_in: int, width_out: int) -> None:
-        super().__init__()
-        bound = 1 / math.sqrt(width_in)  # nn.Linear's default initialisation, per model
-        self.weight = nn.Parameter(torch.empty(stack, width_in, width_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(stack, 1, width_out).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def stacked_mlp(stack: int, widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for index, (width_in, width_out) in enumerate(zip(widths, widths[1:], strict=False)):
-        layers.append(StackedLinear(stack, width_in, width_out))
-        if index < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-class StackedGAN:
-    """K paper-MLP GANs (non-saturating loss, Adam β1 0.5) stepped together. Each model's loss is
-    its own batch mean; their sum has, for each model's weights, exactly that model's gradient."""
-
-    def __init__(
-        self, stack: int, images: torch.Tensor, device: torch.device, capturable: bool
-    ) -> None:
-        torch.manual_seed(0)
-        self.stack, self.images, self.device = stack, images.flatten(1).to(device), device
-        self.generator = stacked_mlp(stack, [100, 98, 196, 392, 784]).to(device)
-        self.discriminator = stacked_mlp(stack, [784, 392, 196, 98, 1]).to(device)
-        options = {"lr": 2e-4, "betas": (0.5, 0.999), "capturable": capturable}
-        options |= {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.g_opt = torch.optim.Adam(self.generator.parameters(), **options)
-        self.d_opt = torch.optim.Adam(self.discriminator.parameters(), **options)
-        self.sampler = torch.Generator(device=device).manual_seed(0)
-
-    def real_batches(self) -> torch.Tensor:
-        index = torch.randint(
-            len(self.images), (self.stack, BATCH_SIZE), generator=self.sampler, device=self.device
-        )
-        return self.images[index]
-
-    def train_step(self, next_batch: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
-        real = next_batch()
-        noise = torch.randn(self.stack, BATCH_SIZE, 100, device=self.device)
-        fake = torch.sigmoid(self.generator(noise))
-        logits = self.discriminator(torch.cat([real, fake.detach()], dim=1))
-        real_logits, fake_logits = logits.split(BATCH_SIZE, dim=1)
-        d_loss = (
-            F.softplus(-real_logits).mean((1, 2)) + F.softplus(fake_logits).mean((1, 2))
-        ).sum()
-        self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
-        for p in self.discriminator.parameters():
-            p.requires_grad_(False)
-        g_loss = F.softplus(-self.discriminator(fake)).mean((1, 2)).sum()
-        for p in self.discriminator.parameters():
-            p.requires_grad_(True)
-        self.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.g_opt.step()
-        return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
-
-
-def bench_stack(
-    stack: int, images: torch.Tensor, device: torch.device, args: argparse.Namespace, single: float
-) -> str:
-    iterations = max(20, args.iterations // max(1, stack // 8))
-    model = StackedGAN(stack, images, device, capturable=False)
-    eager = stack * rate(
-        lambda: model.train_step(model.real_batches), iterations, device, args.repeats
-    )
-    cells = [f"{stack:5d}", f"{eager:12.0f}", f"{eager / single:8.1f}x"]
-    if device.type == "cuda":
-        try:
-            model = StackedGAN(stack, images, device, capturable=True)
-            replay = graphed(model.train_step, model.real_batches)
-            graph = stack * rate(replay, iterations, device, args.repeats)
-            cells += [f"{graph:12.0f}", f"{graph / single:8.1f}x"]
-        except Exception as error:
-            traceback.print_exc()
-            cells.append(f"graph failed: {type(error).__name__}: {str(error)[:80]}")
-    return "  ".join(cells)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300, help="steps per timed loop (300)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loops per figure (3)")
     parser.add_argument("--models", nargs="*", choices=MODEL_NAMES, default=list(MODEL_NAMES))
-    parser.add_argument("--stacks", nargs="*", type=int, default=[1, 8, 32, 128, 512])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     return parser.parse_args(argv)
@@ -417,22 +319,6 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         print("      " + bench_model(model, device, args), flush=True)
 
-    images = load_dataset(DATASET).train_images
-    single_model, single_batches = build("gan", device)
-    single = rate(with_watch(single_model, single_batches), args.iterations, device, args.repeats)
-    print(
-        "\nstacked paper-MLP GANs, model-iterations/s "
-        f"(x: against one gvae GAN trial, {single:.0f} it/s)"
-    )
-    columns = ["    K", "       eager", "  eager x"]
-    if device.type == "cuda":
-        columns += ["       graph", "  graph x"]
-    print("  ".join(columns), flush=True)
-    for stack in args.stacks:
-        try:
-            print(bench_stack(stack, images, device, args, single), flush=True)
-        except Exception as error:
-            print(f"{stack:5d}  failed: {type(error).__name__}: {str(error)[:100]}", flush=True)
     sys.stdout.flush()
 
 

@@ -20,24 +20,17 @@ import torch
 from benchmark import cpu_model, timed  # bench/ is on the path of a script run from it
 
 from gvae.config import MODEL_NAMES, TrialConfig
-from gvae.data import BatchSampler, PackBatches, load_dataset
-from gvae.models import MODELS
-from gvae.models.base import build_pack
-from gvae.trainer import make_deterministic
+from gvae.data import Dataset, load_dataset
+from gvae.trainer import make_deterministic, model_and_batches
 
 
 def steps_per_second(
-    name: str, pack: int, images: torch.Tensor, device: torch.device, args: argparse.Namespace
+    name: str, pack: int, dataset: Dataset, device: torch.device, args: argparse.Namespace
 ) -> float:
-    configs = [TrialConfig(model=name, batch_size=64, seed=seed) for seed in range(pack)]
+    configs = [TrialConfig(model=name, batch_size=64, seed=seed, device=str(device))
+               for seed in range(pack)]  # fmt: skip
     configs = [config.validate().resolved() for config in configs]
-    if pack == 1:
-        torch.manual_seed(0)
-        model = MODELS[name](configs[0], (1, 28, 28), device)
-        batches = BatchSampler(images, 64, 0)
-    else:
-        model = build_pack(MODELS[name], configs, (1, 28, 28), device)
-        batches = PackBatches(images, 64, list(range(pack)))
+    model, batches = model_and_batches(configs, pack > 1, dataset, device)
 
     def train() -> None:
         for _ in range(args.iterations):
@@ -53,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     device = torch.device(args.device)
     make_deterministic(device)
-    images = load_dataset("mnist5k").train_images.to(device)
+    dataset = load_dataset("mnist5k")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(
@@ -64,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         lone = None
         for pack in args.packs:
-            rate = steps_per_second(model, pack, images, device, args)
+            rate = steps_per_second(model, pack, dataset, device, args)
             lone = lone or (rate if pack == 1 else None)
             ratio = f"{rate * pack / lone:6.1f}x" if lone else "      -"
             print(f"{model:8s} {pack:5d} {rate:9.1f} {rate * pack:12.0f} {ratio}", flush=True)

@@ -127,7 +127,7 @@ def _train(
     if evaluator is None:
         evaluator = load_or_train_evaluator(dataset, log=log)
     evaluator = evaluator.to(device)
-    model, batches = _model_and_batches(configs, packed, dataset, device)
+    model, batches = model_and_batches(configs, packed, dataset, device)
 
     progress = _Progress(configs)
     if resume_from is not None:
@@ -190,9 +190,10 @@ def _outcomes(
     ]
 
 
-def _model_and_batches(
+def model_and_batches(
     configs: list[TrialConfig], packed: bool, dataset: Any, device: torch.device
 ) -> tuple[GenerativeModel, Batches]:
+    """The model and batch source a run trains: a lone trial of `configs[0]`, or a pack."""
     config = configs[0]
     if not packed:
         torch.manual_seed(config.seed)
