@@ -157,6 +157,7 @@ def run_events(recorder: ParquetRecorder, trial: FakeTrial, evaluations: int = 3
     def event(hook: str, **kwargs: Any) -> None:
         before = store.bytes_written
         getattr(recorder, hook)(iteration=0, trials=[], trial=trial, **kwargs)
+        recorder.flush()
         written.append(store.bytes_written - before)
 
     event("on_trial_start")
@@ -278,6 +279,7 @@ def test_a_diverged_and_a_failed_trial_are_recorded_and_printed(tmp_path):
         callback.on_trial_complete(0, trials, diverged)
         callback.on_trial_error(0, trials, failed)
     progress.on_experiment_end(trials)
+    recorder.flush()
 
     rows = pd.read_parquet(tmp_path / TRIALS).set_index("trial_id")
     assert rows.loc[diverged.trial_id, ["status", "diverged_at", "iterations_done"]].tolist() == [

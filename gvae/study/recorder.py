@@ -3,9 +3,15 @@
 Design (see gvae.study.results for the files): every Tune event rewrites only the rows of the trial
 it concerns, the trial's row in `trials.parquet/part-<id>.parquet` and, after a result, its curve in
 `curves.parquet/part-<id>.parquet`. So the cost of an event is that of one trial's rows whatever the
-size of the study, and on S3 an event uploads those rows, never a whole table. Each event is on
-disk before the callback returns: a killed driver loses at most the event in progress. When every
-trial has ended, the folders are compacted into one file each.
+size of the study, and on S3 an event uploads those rows, never a whole table. When every trial has
+ended, the folders are compacted into one file each.
+
+The writes run on a thread of their own (gvae.study.writer), so Tune's loop goes on starting trials
+meanwhile. Crash safety: Tune snapshots its experiment state (which trials ended, the checkpoint
+each resumes from) only after the recorder has flushed its writes (`get_state`), so the tables are
+never behind that snapshot. A killed driver loses only writes of events after the snapshot, and a
+resumed study runs those trials again from the snapshot's checkpoints, which reports those events
+again.
 
 Rows are keyed by trial id (trials) and by (trial id, iteration) (curves): a trial's fragment holds
 all its rows, so results that a trial re-reports after restarting from a checkpoint, or after the
@@ -30,6 +36,7 @@ from gvae.study.replicates import SUGGESTION
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 from gvae.study.spec import EVALUATION_METRICS
 from gvae.study.trainable import MEMBERS, read_checkpoint_arrays
+from gvae.study.writer import BackgroundWriter
 
 CURVE_KEYS = ("iteration", "mode_entropy", "mean_image_entropy", "class_histogram")
 # Scalar metrics of an evaluation besides the two entropies: Fréchet distance, mode counts,
@@ -77,6 +84,9 @@ class ParquetRecorder(Callback):
     # Ray Tune hooks -----------------------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
+        if hasattr(self, "writer"):
+            self.writer.flush()
+        self.writer = BackgroundWriter()
         self.trials_table = FragmentedTable(self.store, TRIALS)
         self.curves_table = FragmentedTable(self.store, CURVES)
         self.trials_table.open()
@@ -101,8 +111,8 @@ class ParquetRecorder(Callback):
         """
         for trial_id, status in list(self.status.items()):
             if trial_id not in known and status not in ENDED:
-                self.trials_table.write_trial(trial_id, [])
-                self.curves_table.write_trial(trial_id, [])
+                self._submit(self.trials_table, trial_id, [])
+                self._submit(self.curves_table, trial_id, [])
                 del self.status[trial_id]
                 self.trials.pop(trial_id, None)
                 self.curves.pop(trial_id, None)
@@ -177,10 +187,21 @@ class ParquetRecorder(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Compact the tables into one file each once no trial can report again."""
+        self.flush()
         if all(status in ENDED for status in self.status.values()):
             self.compact()
 
+    def get_state(self) -> None:
+        """Called as Tune snapshots its experiment state: the snapshot must not get ahead of
+        the tables (see the module docstring). The rows themselves live in the tables."""
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every event so far is in the tables."""
+        self.writer.flush()
+
     def compact(self) -> None:
+        self.flush()
         self.trials_table.compact()
         self.curves_table.compact()
         if not self.store.exists(CURVES):  # every trial ended before its first evaluation
@@ -192,6 +213,8 @@ class ParquetRecorder(Callback):
         """The row of a trial, or of a pack's member (gvae.study.packs), by its row id."""
         if trial_id in self.trials:
             return self.trials[trial_id]
+        if trial_id in self.status:
+            self.writer.flush()  # its newest rows may still be on their way to the table
         stored = self.trials_table.read_trial(trial_id) if trial_id in self.status else []
         if stored:  # a trial recorded by an earlier run of this study, or ended before
             row = {k: v for k, v in stored[0].items() if not _is_summary(k)}
@@ -224,20 +247,23 @@ class ParquetRecorder(Callback):
         self.curves[row_id][result["iteration"]] = row
 
     def _write(self, trial_id: str, curve: bool = False) -> None:
-        """Put this trial's rows on disk; forget an ended trial's rows once they are there.
-
-        A result a trial reported before its last checkpoint is never reported again, so it must
-        be on disk before the driver can die: every event is written before the hook returns.
-        """
+        """Send this trial's rows to the writer; forget an ended trial's rows (the writer has
+        them, and `_row` reads them back after a flush)."""
         row = self.trials[trial_id]
         points = [self.curves[trial_id][key] for key in sorted(self.curves[trial_id])]
         if curve:
-            self.curves_table.write_trial(trial_id, points)
-        self.trials_table.write_trial(trial_id, [_with_summary(row, points)])
+            self._submit(self.curves_table, trial_id, points)
+        self._submit(self.trials_table, trial_id, [_with_summary(row, points)])
         self.status[trial_id] = row["status"]
         if row["status"] in ENDED:
             del self.trials[trial_id]
             del self.curves[trial_id]
+
+    def _submit(self, table: FragmentedTable, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        """Rewrite one trial's fragment of `table` (no rows: remove it) on the writer's thread.
+        The rows are copies the hooks no longer change: `_with_summary` copies the trial row,
+        and a curve row is replaced, never changed, when its iteration is reported again."""
+        self.writer.submit((table.name, trial_id), lambda: table.write_trial(trial_id, rows))
 
 
 def _status_by_trial(table: Any) -> dict[str, str]:
