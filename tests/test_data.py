@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.datasets import MNIST
 
+from gvae.config import DATASET_NAMES
 from gvae.data import DATASETS, IDX_FILES, Dataset, load_dataset, mnist5k_arrays
 from gvae.errors import GvaeError
 
@@ -121,3 +124,17 @@ def test_unknown_dataset_lists_known_names() -> None:
         load_dataset("cifar-11")
     for name in ("mnist", "fashion-mnist", "mnist5k"):
         assert name in str(info.value)
+
+
+def test_the_registry_loads_exactly_the_dataset_names_a_config_accepts() -> None:
+    assert tuple(DATASETS) == DATASET_NAMES
+
+
+def test_validating_a_study_file_imports_no_torch() -> None:
+    # gvae study run starts Ray while torch loads, so validation must come before either.
+    code = (
+        "import sys; from pathlib import Path; from gvae.study.spec import load_study; "
+        "load_study(Path('studies/quick.yaml')); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
