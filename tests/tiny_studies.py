@@ -51,6 +51,8 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
         import ray
 
         root = tmp_path_factory.mktemp("tiny-studies")
+        # One Ray for all of them: `gvae study run` stops only a Ray it started itself.
+        ray.init(log_to_driver=False)
         try:
             for name, body in STUDIES.items():
                 path = root / f"{name}.yaml"

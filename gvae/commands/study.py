@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,23 @@ def _resume(args: argparse.Namespace) -> int:
 def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     """Exit status: 0 every trial ended with a result (finished, diverged, stopped), 1 some
     failed after their retries, 2 bad input (GvaeError, in gvae.cli), 130 interrupted."""
-    from gvae.study.driver import resume_command, run_study, summary_lines  # Ray: slow import
+    from gvae.study.ray_start import RayStart
+    from gvae.study.resources import check_devices
+
+    # Before any Ray starts (imports torch only for a study that asks for a GPU).
+    check_devices(spec, local=not (args.address or os.environ.get("RAY_ADDRESS")))
+    # A local Ray starts meanwhile the driver imports torch and loads the data and evaluator.
+    ray_start = RayStart.begin(args.address)
+    try:
+        return _run_and_summarise(spec, raw, args, ray_start)
+    finally:  # also after bad input found once Ray began starting
+        ray_start.close()
+
+
+def _run_and_summarise(
+    spec: Any, raw: dict[str, Any], args: argparse.Namespace, ray_start: Any
+) -> int:
+    from gvae.study.driver import resume_command, run_study, summary_lines  # torch: slow import
 
     wait = {} if args.resource_wait is None else {"resource_wait": args.resource_wait}
     storage = args.storage or spec.storage
@@ -103,6 +120,7 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
             storage=storage,
             force=args.force,
             verbose=args.verbose,
+            ray_start=ray_start,
             **wait,
         )
     except KeyboardInterrupt:  # a second Ctrl-C, which skips Tune's last snapshot

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
-import ray
 import yaml
 from ray import tune
 from ray.tune.error import TuneError
@@ -39,6 +38,7 @@ from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_comma
 from gvae.study.lease import StudyLease
 from gvae.study.packs import PACKED_SUGGESTION, SEEDS, pack_points, replicate_seeds
 from gvae.study.progress import ConsoleProgress
+from gvae.study.ray_start import RayStart
 from gvae.study.recorder import ParquetRecorder
 from gvae.study.replicates import SUGGESTION, SeedReplicates
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
@@ -81,11 +81,13 @@ def run_study(
     resource_wait: float = RESOURCE_WAIT_SECONDS,
     force: bool = False,
     verbose: bool = False,
+    ray_start: RayStart | None = None,
 ) -> StudyRun:
     """Run (or continue) a study; returns where its tables are and how far it got.
 
     Prints one line per ended trial and a progress line (gvae.study.progress); `verbose` shows
-    Tune's own status tables and trial results instead.
+    Tune's own status tables and trial results instead. `ray_start`: a Ray already starting
+    (RayStart.begin), else Ray is started or joined when the study needs it.
     """
     storage = storage or spec.storage
     uri = study_uri(storage, spec.name)
@@ -99,7 +101,9 @@ def run_study(
         lease.acquire(force=force)
     try:
         with storage_errors(uri, resume):
-            return _run_leased(spec, raw_spec, store, address, log, resource_wait, verbose)
+            return _run_leased(
+                spec, raw_spec, store, ray_start or RayStart(address), log, resource_wait, verbose
+            )
     finally:
         with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
             lease.release()
@@ -109,7 +113,7 @@ def _run_leased(
     spec: StudySpec,
     raw_spec: dict[str, Any],
     store: ResultsStore,
-    address: str | None,
+    ray_start: RayStart,
     log: Callable[[str], None],
     resource_wait: float,
     verbose: bool,
@@ -128,8 +132,8 @@ def _run_leased(
 
     _leave_job_working_dir()
     _quiet_tune_logs(verbose)
-    _init_ray(address, log)
-    check_resources(spec, resource_wait if address else 0.0, log)
+    ray_start.wait(log)
+    check_resources(spec, resource_wait if ray_start.address else 0.0, log)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_states=evaluator_states),
         {"cpu": spec.cpus, "gpu": spec.gpus},
@@ -242,22 +246,6 @@ def _write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
     store.fs.create_dir(store.root, recursive=True)
     with store.fs.open_output_stream(f"{store.root}/{SPEC_FILE}") as stream:
         stream.write(yaml.safe_dump(raw_spec, sort_keys=False).encode())
-
-
-def _init_ray(address: str | None, log: Callable[[str], None]) -> None:
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return
-    if address:
-        log(f"joining the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(log_to_driver=False)
-    resources = ray.cluster_resources()
-    log(
-        f"ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
-        f"{resources.get('GPU', 0):g} GPUs"
-    )
 
 
 def _quiet_tune_logs(verbose: bool) -> None:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 
 import ray
-import torch
 
 from gvae.errors import GvaeError
 from gvae.study.spec import StudySpec
@@ -28,13 +27,19 @@ def check_devices(spec: StudySpec, local: bool) -> None:
             f"{asked[0]}: trials ask for a CUDA device but resources.gpus is 0, so Ray gives them "
             "no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or device: auto"
         )
-    if local and (asked or spec.gpus > 0) and not torch.cuda.is_available():
+    if local and (asked or spec.gpus > 0) and not _cuda_available():
         field = asked[0] if asked else "resources.gpus"
         raise GvaeError(
             f"{field}: trials ask for a GPU but this machine has none (torch finds no CUDA "
             "device or driver); set resources.gpus: 0 and device: auto, or join a GPU cluster "
             "with --address"
         )
+
+
+def _cuda_available() -> bool:
+    import torch  # here: checking a CPU-only study must not import torch (gvae.study.ray_start)
+
+    return torch.cuda.is_available()
 
 
 def _cuda_fields(spec: StudySpec) -> list[str]:
