@@ -6,11 +6,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gvae.errors import GvaeError
 from gvae.study.results import ResultsStore, study_uri
 from gvae.study.spec import load_study, read_yaml
+
+if TYPE_CHECKING:
+    from gvae.study.ray_start import RayStart
 
 
 def add_parser(subparsers: Any) -> None:
@@ -104,7 +107,7 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def _run_and_summarise(
-    spec: Any, raw: dict[str, Any], args: argparse.Namespace, ray_start: Any
+    spec: Any, raw: dict[str, Any], args: argparse.Namespace, ray_start: RayStart
 ) -> int:
     from gvae.study.driver import resume_command, run_study, summary_lines  # torch: slow import
 

@@ -214,7 +214,7 @@ class ParquetRecorder(Callback):
         if trial_id in self.trials:
             return self.trials[trial_id]
         if trial_id in self.status:
-            self.writer.flush()  # its newest rows may still be on their way to the table
+            self.flush()  # its newest rows may still be on their way to the table
         stored = self.trials_table.read_trial(trial_id) if trial_id in self.status else []
         if stored:  # a trial recorded by an earlier run of this study, or ended before
             row = {k: v for k, v in stored[0].items() if not _is_summary(k)}
