@@ -64,7 +64,9 @@ def test_the_writer_leaves_no_thread_behind_once_idle():
 class HeldStore(ResultsStore):
     """A store whose writes wait until `release` is set, as a slow upload to S3 would."""
 
-    release = threading.Event()
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.release = threading.Event()
 
     def put(self, name, table, fragment=False):
         assert self.release.wait(10)

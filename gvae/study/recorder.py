@@ -213,9 +213,10 @@ class ParquetRecorder(Callback):
         """The row of a trial, or of a pack's member (gvae.study.packs), by its row id."""
         if trial_id in self.trials:
             return self.trials[trial_id]
+        stored = []
         if trial_id in self.status:
             self.flush()  # its newest rows may still be on their way to the table
-        stored = self.trials_table.read_trial(trial_id) if trial_id in self.status else []
+            stored = self.trials_table.read_trial(trial_id)
         if stored:  # a trial recorded by an earlier run of this study, or ended before
             row = {k: v for k, v in stored[0].items() if not _is_summary(k)}
             points = self.curves_table.read_trial(trial_id)
