@@ -25,8 +25,7 @@ from gvae.data.digits import (
     mnist5k_arrays,
     stratified_split,
 )
-from gvae.data.registry import DATASETS, load_dataset
-from gvae.data.stacked import load_stacked_mnist, load_stacked_mnist5k
+from gvae.data.registry import DATASETS, load_dataset, load_stacked_mnist, load_stacked_mnist5k
 
 __all__ = [
     "DATASETS",

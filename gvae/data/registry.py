@@ -1,4 +1,8 @@
-"""The dataset registry: name -> loader, and `load_dataset`, which loads each once per process."""
+"""The dataset registry: name -> loader, and `load_dataset`, which loads each once per process.
+
+Stacked MNIST is composed here, from digits loaded through the registry (so loaded, and kept, once);
+gvae.data.stacked builds the triples and imports nothing from this module.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,19 @@ from pathlib import Path
 from gvae.data.celeba import load_celeba
 from gvae.data.dataset import Dataset
 from gvae.data.digits import load_fashion_mnist, load_mnist, load_mnist5k
-from gvae.data.stacked import load_stacked_mnist, load_stacked_mnist5k
+from gvae.data.stacked import stack
 from gvae.errors import GvaeError
+
+
+def load_stacked_mnist(root: Path, download: bool) -> Dataset:
+    """Stacked MNIST from full MNIST (60,000 training / 26,000 held-out triples)."""
+    return stack("stacked-mnist", load_dataset("mnist", root, download))
+
+
+def load_stacked_mnist5k(root: Path, download: bool) -> Dataset:
+    """Stacked MNIST from the offline mnist5k digits (25,000 training / 26,000 held-out triples)."""
+    return stack("stacked-mnist5k", load_dataset("mnist5k", root, download))
+
 
 DATASETS: dict[str, Callable[[Path, bool], Dataset]] = {
     "mnist": load_mnist,

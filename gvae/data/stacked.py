@@ -10,7 +10,6 @@ row never sees a training digit.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 
@@ -62,17 +61,3 @@ def stack(name: str, digits: Dataset) -> Dataset:
         ),
         channel_dataset=digits,
     )
-
-
-def load_stacked_mnist(root: Path, download: bool) -> Dataset:
-    """Stacked MNIST from full MNIST (60,000 training / 26,000 held-out triples)."""
-    from gvae.data.registry import load_dataset  # the digits are loaded (and kept) once
-
-    return stack("stacked-mnist", load_dataset("mnist", root, download))
-
-
-def load_stacked_mnist5k(root: Path, download: bool) -> Dataset:
-    """Stacked MNIST from the offline mnist5k digits (25,000 training / 26,000 held-out triples)."""
-    from gvae.data.registry import load_dataset
-
-    return stack("stacked-mnist5k", load_dataset("mnist5k", root, download))
