@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gvae.errors import GvaeError
+from gvae.names import DATASET_NAMES
 
 MODEL_NAMES = ("gan", "wgan", "vae", "vaegan", "cvaegan")
-# The names gvae.data's registry loads; listed here too so that validating a config (and so a
-# study file) does not import torch.
-DATASET_NAMES = ("mnist", "fashion-mnist", "mnist5k", "celeba", "stacked-mnist", "stacked-mnist5k")
 ARCH_NAMES = ("mlp", "conv")
 GAN_LOSSES = ("nonsaturating", "minimax")
 

@@ -1,5 +1,8 @@
 """Trial config validation: every bad field gets a one-line error that names it."""
 
+import subprocess
+import sys
+
 import pytest
 
 from gvae.config import DEFAULT_LR, TrialConfig
@@ -47,3 +50,9 @@ def test_defaults_validate_and_resolve_the_model_learning_rate():
 def test_round_trip_through_a_dict():
     config = TrialConfig(model="gan", lam=0.5, d=0.2, seed=3)
     assert TrialConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_config_and_the_name_lists_import_no_torch():
+    # A study file is validated (config, spec, names) before gvae study run starts Ray and torch.
+    code = "import gvae.config, gvae.names, gvae.study.spec, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torchvision.datasets import MNIST
 
-from gvae.config import DATASET_NAMES
 from gvae.data import DATASETS, IDX_FILES, Dataset, load_dataset, mnist5k_arrays
 from gvae.errors import GvaeError
+from gvae.names import DATASET_NAMES
 
 
 def test_mnist5k_shapes_and_ranges(mnist5k: Dataset) -> None:

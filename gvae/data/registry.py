@@ -1,5 +1,6 @@
 """The dataset registry: name -> loader, and `load_dataset`, which loads each once per process.
 
+Its names are gvae.names.DATASET_NAMES, which a config is validated against without torch.
 Stacked MNIST is composed here, from digits loaded through the registry (so loaded, and kept, once);
 gvae.data.stacked builds the triples and imports nothing from this module.
 """
@@ -14,6 +15,7 @@ from gvae.data.dataset import Dataset
 from gvae.data.digits import load_fashion_mnist, load_mnist, load_mnist5k
 from gvae.data.stacked import stack
 from gvae.errors import GvaeError
+from gvae.names import DATASET_NAMES
 
 
 def load_stacked_mnist(root: Path, download: bool) -> Dataset:
@@ -42,8 +44,7 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True) ->
     """Load a registered dataset, once per (name, root) per process."""
     loader = DATASETS.get(name)
     if loader is None:
-        known = ", ".join(sorted(DATASETS))
-        raise GvaeError(f"unknown dataset '{name}'; choose one of: {known}")
+        raise GvaeError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASET_NAMES)}")
     key = (name, Path(root).expanduser().resolve())
     if key not in _LOADED:
         _LOADED[key] = loader(key[1], download)

@@ -34,6 +34,7 @@ from gvae.metrics import (
     pairwise_distances,
     precision_recall_from_distances,
 )
+from gvae.names import METRIC_NAMES
 
 STATE_FORMAT = 3  # 3: per-channel (Stacked MNIST) evaluators, real images' k-NN radii
 PRECISION_RECALL_K = 3  # Kynkäänniemi et al. (2019)
@@ -42,18 +43,6 @@ DENSITY_COVERAGE_K = 5  # Naeem et al. (2020)
 # and generated samples (the evaluation noise is random, so these are a random subset). Keeps one
 # evaluation near a second on a small CPU; the k-NN radii, and so the values, depend on this count.
 NEIGHBOUR_SAMPLES = 5000
-SCALARS = (
-    "mode_entropy",
-    "mean_image_entropy",
-    "modes_covered",
-    "kl_to_uniform",
-    "classifier_score",
-    "frechet_distance",
-    "precision",
-    "recall",
-    "density",
-    "coverage",
-)
 
 
 @dataclass
@@ -76,7 +65,7 @@ class Measurement:
 
     def scalars(self) -> dict[str, float]:
         """The named numbers (not histograms or per-image arrays) that were measured."""
-        values = {name: getattr(self, name) for name in SCALARS}
+        values = {name: getattr(self, name) for name in METRIC_NAMES}
         return {name: value for name, value in values.items() if value is not None}
 
     def as_state(self) -> dict:

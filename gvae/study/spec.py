@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from gvae import names
 from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.errors import GvaeError
 from gvae.study.packs import pack_points
@@ -40,19 +41,10 @@ TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 STUDY_LEVEL_FIELDS = {"dataset", "iterations", "eval_every", "model"}
 SEARCHABLE = {"model", "lam", "d", "lr", "seed", "batch_size", "n_critic", "clip", "gan_loss"}
 SEARCHABLE |= {"device"}  # e.g. a grid over cpu and cuda to compare throughput
-# The scalars an evaluation reports besides the two entropies of the paper (curve columns).
-EVALUATION_METRICS = (
-    "frechet_distance",
-    "modes_covered",
-    "kl_to_uniform",
-    "classifier_score",
-    "precision",
-    "recall",
-    "density",
-    "coverage",
-)
-# What an Optuna objective or the ASHA scheduler may name: every scalar an evaluation reports.
-METRICS = ("mode_entropy", "mean_image_entropy", *EVALUATION_METRICS)
+# The scalars an evaluation reports besides the two entropies of the paper (curve columns), and
+# every scalar, which an Optuna objective or the ASHA scheduler may name.
+EVALUATION_METRICS = names.EVALUATION_METRICS
+METRICS = names.METRIC_NAMES
 
 
 @dataclass(frozen=True)
