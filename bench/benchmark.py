@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.data import load_dataset
-from gvae.evaluator import Evaluator, load_or_train_evaluator
+from gvae.evaluation import Evaluator, load_or_train_evaluator
 from gvae.models import MODELS, GenerativeModel
 from gvae.trainer import SAMPLE_CHUNK, BatchSampler
 

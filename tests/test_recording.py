@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray import tune
 
-from gvae.evaluator import load_or_train_evaluator
+from gvae.evaluation import load_or_train_evaluator
 from gvae.study.checkpoints import delete_older_checkpoints, newest_checkpoint
 from gvae.study.progress import ConsoleProgress
 from gvae.study.recorder import ParquetRecorder
