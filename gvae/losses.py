@@ -34,26 +34,14 @@ def wgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
     return -fake_scores.mean()
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Bernoulli negative log-likelihood summed over pixels, mean over the batch.
-
-    Written out rather than F.binary_cross_entropy, which raises on NaN input: a diverging model
-    must yield a NaN loss that the trainer reports, not a crash. Logs are clamped at -100 as there,
-    and log(1 - p) is computed as there too: log1p has no vectorised CPU kernel and took 7% of a
-    VAE step.
-    """
-    log_p = torch.log(reconstruction).clamp(min=-100)
-    log_not_p = torch.log(1 - reconstruction).clamp(min=-100)
-    per_pixel = -(images * log_p + (1 - images) * log_not_p)
-    return per_pixel.flatten(1).sum(1).mean()
-
-
 def reconstruction_loss_from_logits(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """The same negative log-likelihood from the decoder's logits (before its sigmoid).
+    """Bernoulli negative log-likelihood of `images` [N, C, H, W] in [0, 1] under the decoder's
+    `logits` [N, C, H, W] (before its sigmoid), summed over pixels, mean over the batch: the
+    reconstruction term of the negative ELBO (Eq. 6).
 
-    Exact where the sigmoid saturates, so no clamp is needed; a NaN logit gives a NaN loss, as it
-    must. Computed by `_BernoulliNLL`, whose gradient is the one
-    F.binary_cross_entropy_with_logits gives, bit for bit, at half its cost.
+    Exact where the sigmoid saturates, so no clamp is needed; a NaN logit gives a NaN loss that
+    the trainer reports as divergence, not a crash. Computed by `_BernoulliNLL`, whose gradient is
+    the one F.binary_cross_entropy_with_logits gives, bit for bit, at half its cost.
     """
     return _BernoulliNLL.apply(logits, images) / images.shape[0]
 
@@ -88,13 +76,6 @@ class _BernoulliNLL(torch.autograd.Function):
 def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(log_var)) || N(0, I)) summed over latent dimensions, mean over the batch."""
     return 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum(1).mean()
-
-
-def vae_loss(
-    reconstruction: torch.Tensor, images: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The negative ELBO of Eq. 6, returned as (reconstruction term, KL term)."""
-    return reconstruction_loss(reconstruction, images), kl_to_standard_normal(mean, log_var)
 
 
 def constrained_gan_term(gan_loss: torch.Tensor, lam: float, d: float) -> torch.Tensor:
