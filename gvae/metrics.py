@@ -175,7 +175,8 @@ def classifier_score(probs: torch.Tensor, chunk: int = 4096) -> float:
 # Written here rather than taken from torch-fidelity (precision and recall only) or prdc (all
 # four, but one k for all, numpy distance matrices recomputed on every call, and a print): the
 # evaluator computes the real images' radii once, and one fake-to-real distance matrix serves
-# all four numbers.
+# all four numbers (`gvae.evaluation.measurement.RealNeighbours`). tests/test_metrics.py sets them
+# against prdc; docs/metrics.md lists where the conventions differ.
 
 
 def pairwise_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -207,7 +208,7 @@ def precision_recall_from_distances(
     k-NN ball; recall the share of reals inside some fake image's k-NN ball.
 
     fake_to_real [M, N] distances, real_radii [N], fake_radii [M]; a point on a ball's surface is
-    inside (<=, as in the paper's definition).
+    inside (<=, as in the paper's definition; prdc's reference code counts it outside, <).
     """
     precision = (fake_to_real <= real_radii.unsqueeze(0)).any(dim=1).double().mean()
     recall = (fake_to_real <= fake_radii.unsqueeze(1)).any(dim=0).double().mean()
@@ -219,19 +220,9 @@ def density_coverage_from_distances(
 ) -> tuple[float, float]:
     """Naeem et al. (2020): density counts, per fake, the real k-NN balls it falls in, divided by
     k and averaged (1 when fakes are distributed like reals, above 1 where they crowd dense
-    regions); coverage is the share of reals whose ball holds at least one fake."""
+    regions); coverage is the share of reals whose ball holds at least one fake. A fake on a
+    ball's surface is inside it (<=, as for precision; prdc's reference code uses <)."""
     inside = fake_to_real <= real_radii.unsqueeze(0)
     density = inside.double().sum(dim=1).mean() / k
     coverage = inside.any(dim=0).double().mean()
     return float(density), float(coverage)
-
-
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall of fake features [M, D] against real ones [N, D]."""
-    distances = pairwise_distances(fake, real)
-    return precision_recall_from_distances(distances, knn_radii(real, k), knn_radii(fake, k))
-
-
-def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
-    """Density and coverage of fake features [M, D] against real ones [N, D]."""
-    return density_coverage_from_distances(pairwise_distances(fake, real), knn_radii(real, k), k)
