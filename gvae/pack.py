@@ -54,7 +54,8 @@ def _stacked_layer(layer: nn.Module, members: int) -> nn.Module:
         return nn.Flatten(layer.start_dim + 1, layer.end_dim)
     if isinstance(layer, nn.Unflatten):
         return nn.Unflatten(layer.dim + 1, layer.unflattened_size)
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.modules.conv._ConvNd):
+    if list(layer.parameters(recurse=False)) or list(layer.buffers(recurse=False)):
+        # Weights or statistics StackedLinear cannot stack: convolutions', batch norm's.
         raise GvaeError("pack: only the mlp architecture can be packed; use arch mlp or pack 1")
     return stacked(layer, members)  # a container (Sequential, Encoder): its children in turn
 

@@ -288,7 +288,7 @@ def _measure(
 
 def _save_grid(images: torch.Tensor, target: Path | io.BytesIO) -> None:
     """The images as one PNG grid, ten a row."""
-    # Imported here: importing torchvision costs 1.3 s (it loads torch._dynamo), which a study's
+    # Imported here: importing torchvision costs 1.3 s (it loads TorchDynamo), which a study's
     # driver, which never draws a grid, should not pay.
     from torchvision.utils import save_image
 

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from gvae.config import TrialConfig
 from gvae.nets import Architecture, ImageShape, architecture
@@ -16,6 +15,11 @@ from gvae.pack import load_member, member_noise, stacked, unstacked
 
 BatchSource = Callable[[], torch.Tensor]
 Losses = dict[str, torch.Tensor]
+# Layers whose output for one image depends on the rest of its batch (in training).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Devices with a fused Adam kernel (CUDA since torch 2.0, CPU since 2.4); a config's device is one
+# of these, so the multi-tensor fallback serves only a device added later.
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 class GenerativeModel:
@@ -73,7 +77,7 @@ class GenerativeModel:
         """The critic's (discriminator's) outputs for several batches, in one pass when it keeps
         no batch statistics (the MLP): fewer, larger matmuls, and no gradient sums across passes.
         Apart otherwise: batch norm would mix the statistics of real and generated images."""
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules()):
+        if any(isinstance(m, BATCH_NORMS) for m in critic.modules()):
             return [critic(batch) for batch in batches]
         sizes = [batch.shape[self.batch_dim] for batch in batches]
         return list(critic(self.cat(*batches)).split(sizes, dim=self.batch_dim))
@@ -187,7 +191,7 @@ def _stream_after_seeding(device: torch.device) -> torch.Generator:
 def fast_kernels(device: torch.device) -> dict[str, bool]:
     """Adam's fused kernel (one pass over all parameters; a 25% faster MLP GAN step on one CPU
     thread) where the device has it, else the multi-tensor one. Both are deterministic."""
-    if device.type in _get_fused_kernels_supported_devices():
+    if device.type in FUSED_ADAM_DEVICES:
         return {"fused": True}
     return {"foreach": True}
 
