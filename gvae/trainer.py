@@ -37,6 +37,9 @@ from gvae.models.base import build_pack
 
 GRID_SIZE = 100  # a 10x10 grid of samples per evaluation
 SAMPLE_CHUNK = 1000  # generate evaluation samples in chunks to bound memory
+# What a checkpoint holds (see _checkpoint_and_report); one that lacks any of it is refused.
+CHECKPOINT_KEYS = ("model", "iteration", "curves", "diverged", "rng")
+RNG_KEYS = ("torch", "cuda", "members", "batches")
 
 # report(metrics, checkpoint_dir): the directory lives only for the duration of the call, so the
 # callee must copy what it keeps (Ray Tune's report does exactly that).
@@ -361,19 +364,25 @@ def _load_checkpoint(
     configs: list[TrialConfig],
 ) -> _Progress:
     state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    missing += [f"rng.{key}" for key in RNG_KEYS if key not in state.get("rng", {})]
+    if missing:
+        raise GvaeError(
+            f"checkpoint {directory}: no {', '.join(missing)} (written by an older gvae); "
+            "start this trial afresh"
+        )
     model.load_state_dict(state["model"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if device.type == "cuda" and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
-    members = state["rng"].get("members", [])
-    for generator, generator_state in zip(model.member_generators, members, strict=True):
+    for generator, generator_state in zip(
+        model.member_generators, state["rng"]["members"], strict=True
+    ):
         generator.set_state(generator_state.cpu())
     batches.load_state(state["rng"]["batches"])
-    curves = state["curves"] if "curves" in state else [state["curve"]]  # a lone trial's, older
-    diverged = state.get("diverged") or [None] * len(configs)
     return _Progress(
         configs,
         iteration=int(state["iteration"]),
-        curves=[list(curve) for curve in curves],
-        diverged=[None if d is None else Diverged(*d) for d in diverged],
+        curves=[list(curve) for curve in state["curves"]],
+        diverged=[None if d is None else Diverged(*d) for d in state["diverged"]],
     )

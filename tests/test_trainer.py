@@ -7,6 +7,7 @@ import torch
 
 from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.divergence import Diverged, DivergenceWatch
+from gvae.errors import GvaeError
 from gvae.trainer import CHECKPOINT_FILE, run_trial
 
 TINY = dict(iterations=20, eval_every=10, eval_samples=300, batch_size=16)
@@ -83,6 +84,30 @@ def test_resume_from_checkpoint_continues_the_same_run(model, tmp_path):
     assert resumed.final["image_entropies"] == straight.final["image_entropies"]
     losses = [k for k in straight.curve[-1] if k.endswith("_loss")]
     assert losses and all(resumed.curve[-1][k] == straight.curve[-1][k] for k in losses)
+
+
+def older_lone_trial_format(state: dict) -> None:
+    state["curve"] = state.pop("curves")[0]  # one curve, before packs
+
+
+def older_rng_format(state: dict) -> None:
+    del state["rng"]["members"]  # no per-member generators, before packs
+
+
+@pytest.mark.parametrize(
+    "make_older,missing", [(older_lone_trial_format, "curves"), (older_rng_format, "rng.members")]
+)
+def test_a_checkpoint_in_an_older_format_is_refused_with_the_fix(make_older, missing, tmp_path):
+    def keep_checkpoint(metrics, directory):
+        (tmp_path / CHECKPOINT_FILE).write_bytes((directory / CHECKPOINT_FILE).read_bytes())
+
+    run_trial(tiny("gan", iterations=10), report=keep_checkpoint, log=quiet)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    make_older(state)
+    torch.save(state, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(GvaeError, match="start this trial afresh") as error:
+        run_trial(tiny("gan"), resume_from=tmp_path, log=quiet)
+    assert f"no {missing} " in str(error.value) and "\n" not in str(error.value)
 
 
 def test_divergence_stops_the_trial_with_its_iteration():
