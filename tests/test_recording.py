@@ -1,7 +1,7 @@
 """The study tables at scale: one fragment per trial while running, compacted at the end.
 
-Real studies on a real Ray cluster (straight through against killed and resumed), and the
-recorder driven by simulated Tune events where only the recorder is under test.
+Real studies on a real Ray cluster (straight through against killed and resumed), and the tables
+written as trials and Tune's callbacks would write them, where only the tables are under test.
 """
 
 from __future__ import annotations
@@ -9,22 +9,20 @@ from __future__ import annotations
 import io
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from ray import tune
 
 from gvae.evaluation import load_or_train_evaluator
-from gvae.study.checkpoints import delete_older_checkpoints, newest_checkpoint
+from gvae.study.outcome import Outcome, Status
 from gvae.study.progress import ConsoleProgress
-from gvae.study.recorder import ParquetRecorder
-from gvae.study.results import CURVES, TRIALS, ResultsStore
-from gvae.study.trainable import move_arrays_into_checkpoint
-from gvae.trainer import CHECKPOINT_FILE
+from gvae.study.results import CURVES, TRIALS
+from gvae.study.spec import parse_study
+from gvae.study.tables import StudyTables, Tables, compact, member_rows
 from tests.raycluster import LocalRayCluster
 from tests.test_study import gvae, run_ok, tables, write_study
 
@@ -132,12 +130,12 @@ def assert_same_tables(straight_storage: Path, resumed_storage: Path, name: str)
     )
 
 
-# Simulated events: the recorder alone --------------------------------------------------------
+# The tables alone: trials' own writes and the driver's, as Tune would call them --------------
 
 
 @dataclass
 class FakeTrial:
-    """What the recorder reads of a Tune trial."""
+    """What the driver's callbacks read of a Tune trial."""
 
     trial_id: str
     config: dict[str, Any]
@@ -149,71 +147,78 @@ class FakeTrial:
         return "Traceback ...\nRuntimeError: worker died"
 
 
-def run_events(recorder: ParquetRecorder, trial: FakeTrial, evaluations: int = 3) -> list[int]:
-    """A trial's events (start, results, complete); the bytes the store wrote for each."""
-    store = recorder.store
-    written = []
-
-    def event(hook: str, **kwargs: Any) -> None:
-        before = store.bytes_written
-        getattr(recorder, hook)(iteration=0, trials=[], trial=trial, **kwargs)
-        recorder.flush()
-        written.append(store.bytes_written - before)
-
-    event("on_trial_start")
-    for k in range(1, evaluations + 1):
-        result = {
-            "iteration": 20 * k,
-            "mode_entropy": 2.0 - 1 / k,
-            "mean_image_entropy": 0.5 + 1 / k,
-            "class_histogram": [0.1] * 10,
-            "recon_loss": 100.0 / k,
-            "kl_loss": 3.0,
-            "time_total_s": float(k),
+def study_tables(folder: Path, total: int = 4) -> StudyTables:
+    spec = parse_study(
+        {
+            "name": "s",
+            "dataset": "mnist5k",
+            "models": ["vae"],
+            "iterations": 60,
+            "eval_every": 20,
+            "search": {"grid": {"seed": [0]}},
         }
-        event("on_trial_result", result=result)
-    # The final evaluation's arrays come in its checkpoint, as from gvae.study.trainable.
-    arrays = {"image_entropies": [0.25] * 1000, "sample_labels": [3] * 100, "samples_png": "iV"}
-    folder = Path(store.uri) / "checkpoints" / trial.trial_id
-    folder.mkdir(parents=True, exist_ok=True)
-    move_arrays_into_checkpoint(arrays, folder)
-    event("on_checkpoint", checkpoint=tune.Checkpoint.from_directory(folder))
-    event("on_trial_complete")
-    return written
+    )
+    return StudyTables(Tables.of(spec, str(folder), {"gvae_version": "1"}), total)
 
 
 def trial(index: int) -> FakeTrial:
     return FakeTrial(f"abcde_{index:05d}", {"model": "vae", "iterations": 60, "seed": index})
 
 
-def test_bytes_written_per_event_do_not_grow_with_the_number_of_trials(tmp_path):
+def write_trial(tables: StudyTables, fake: FakeTrial, evaluations: int = 3) -> list[int]:
+    """What a trial writes (its start, each evaluation, its end); the bytes of each write."""
+    (rows,) = member_rows(fake.trial_id, fake.config)
+    store, written = tables.store, []
+
+    def write() -> None:
+        before = store.bytes_written
+        rows.write(tables.tables, store, {"node": "n"}, {"wall_seconds": 1.0, "started_at": 0.0})
+        written.append(store.bytes_written - before)
+
+    write()
+    for k in range(1, evaluations + 1):
+        point = {"iteration": 20 * k, "mode_entropy": 2.0 - 1 / k, "mean_image_entropy": 0.5}
+        rows.curve.append({**point, "class_histogram": [0.1] * 10, "recon_loss": 100.0 / k})
+        write()
+    if evaluations * 20 == fake.config["iterations"]:
+        rows.status = Status.FINISHED
+        rows.arrays = {"image_entropies": [0.25] * 1000, "sample_labels": [3] * 100}
+        write()
+    return written
+
+
+def test_a_trials_writes_cost_the_same_whatever_the_size_of_the_study(tmp_path):
     def last_trial_bytes(count: int) -> list[int]:
-        recorder = ParquetRecorder(ResultsStore(str(tmp_path / str(count))), "s", {"v": "1"})
+        tables = study_tables(tmp_path / str(count), count)
+        tables.prepare()
         for index in range(count - 1):
-            run_events(recorder, trial(index))
-        return run_events(recorder, trial(count - 1))
+            write_trial(tables, trial(index))
+        return write_trial(tables, trial(count - 1))
 
     small, large = last_trial_bytes(3), last_trial_bytes(60)
-    assert len(small) == 6 and all(written > 0 for written in small)
-    assert large == small  # the same events write the same bytes, whatever came before
+    assert len(small) == 5 and all(written > 0 for written in small)
+    assert large == small  # the same writes, the same bytes, whatever came before
 
 
-def test_a_study_recorded_in_the_single_file_layout_resumes_into_fragments(tmp_path):
-    store = ResultsStore(str(tmp_path))
-    recorder = ParquetRecorder(store, "s", {"v": "1"})
+def test_a_compacted_study_that_continues_is_split_into_fragments_and_compacted_again(tmp_path):
+    tables = study_tables(tmp_path)
+    tables.prepare()
     for index in range(3):
-        run_events(recorder, trial(index))
-    recorder.on_trial_start(iteration=0, trials=[], trial=trial(3))  # still running when killed
-    recorder.compact()  # what the old layout looked like: one file per table
+        write_trial(tables, trial(index))
+    write_trial(tables, trial(3), evaluations=1)  # still running when the driver was killed
+    compact(tables.store, tables.tables)
     assert (tmp_path / TRIALS).is_file() and len(pd.read_parquet(tmp_path / TRIALS)) == 4
     before = pd.read_parquet(tmp_path / TRIALS)
 
-    resumed = ParquetRecorder(ResultsStore(str(tmp_path)), "s", {"v": "1"})
-    resumed.on_step_begin(iteration=0, trials=[trial(i) for i in range(4)])
-    run_events(resumed, trial(3))
-    during = pd.read_parquet(tmp_path / TRIALS)
-    assert (tmp_path / TRIALS).is_dir() and during.trial_id.is_unique and len(during) == 4
-    resumed.on_experiment_end(trials=[])
+    resumed = study_tables(tmp_path)
+    resumed.prepare()
+    assert (tmp_path / TRIALS).is_dir()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / TRIALS), before)
+    write_trial(resumed, trial(3))
+    ended = [replace(trial(i), status="TERMINATED") for i in range(4)]
+    resumed.on_experiment_end(trials=ended[:3])  # a trial not yet created: not complete
+    assert (tmp_path / TRIALS).is_dir()
+    resumed.on_experiment_end(trials=ended)
     after = pd.read_parquet(tmp_path / TRIALS)
     curves = pd.read_parquet(tmp_path / CURVES)
     assert (tmp_path / TRIALS).is_file() and list(after.trial_id) == [
@@ -225,26 +230,27 @@ def test_a_study_recorded_in_the_single_file_layout_resumes_into_fragments(tmp_p
 
 
 def test_an_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
-    store = ResultsStore(str(tmp_path))
-    recorder = ParquetRecorder(store, "s", {"v": "1"})
+    tables = study_tables(tmp_path)
+    tables.prepare()
     for index in range(2):
-        run_events(recorder, trial(index))
+        write_trial(tables, trial(index))
     rows = pd.read_parquet(tmp_path / TRIALS)
     # The driver died after the compacted file was complete, before it replaced the folder.
     pq.write_table(pq.read_table(tmp_path / TRIALS), tmp_path / ".trials.parquet.compacted")
-    ParquetRecorder(ResultsStore(str(tmp_path)), "s", {"v": "1"})
-    assert (tmp_path / TRIALS).is_file() and not (tmp_path / ".trials.parquet.compacted").exists()
+    study_tables(tmp_path).prepare()
+    assert not (tmp_path / ".trials.parquet.compacted").exists()
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / TRIALS), rows)
 
 
 def test_a_reader_gets_every_row_while_a_compaction_or_a_split_is_midway(tmp_path):
-    store = ResultsStore(str(tmp_path))
-    recorder = ParquetRecorder(store, "s", {"v": "1"})
+    tables = study_tables(tmp_path)
+    tables.prepare()
     for index in range(3):
-        run_events(recorder, trial(index))
+        write_trial(tables, trial(index))
+    store = tables.store
     rows = store.read(TRIALS)
     folder, compacted = tmp_path / TRIALS, tmp_path / ".trials.parquet.compacted"
-    recorder.compact()
+    compact(store, tables.tables)
     # A compaction midway: the folder is gone, the complete file not yet moved in place.
     (tmp_path / TRIALS).rename(compacted)
     pd.testing.assert_frame_equal(store.read(TRIALS), rows)
@@ -257,29 +263,33 @@ def test_a_reader_gets_every_row_while_a_compaction_or_a_split_is_midway(tmp_pat
     pd.testing.assert_frame_equal(store.read(TRIALS), rows)
 
 
-def test_a_diverged_and_a_failed_trial_are_recorded_and_printed(tmp_path):
-    recorder = ParquetRecorder(ResultsStore(str(tmp_path)), "s", {"v": "1"})
+def test_a_diverged_a_failed_and_a_stopped_trial_are_recorded_and_printed(tmp_path):
+    tables = study_tables(tmp_path, total=4)
+    tables.prepare()
     out = io.StringIO()  # not a terminal: plain lines, the progress line at the end
-    progress = ConsoleProgress(3, params=("model", "seed"), stream=out, log_every=3600)
+    progress = ConsoleProgress(4, params=("model", "seed"), stream=out, log_every=3600)
     progress.setup()
-    ok, diverged, failed = trials = [trial(0), trial(1), trial(2)]
+    ok, diverged, failed, stopped = trials = [trial(0), trial(1), trial(2), trial(3)]
 
-    run_events(recorder, ok)
+    write_trial(tables, ok)
     ok.last_result = {"iteration": 60, "mode_entropy": 1.9, "time_total_s": 1.0}
-    progress.on_trial_result(0, trials, ok, ok.last_result)
-    progress.on_trial_complete(0, trials, ok)
-    diverged.last_result = {
-        "diverged_at": 7,
-        "diverged_error": "losses not finite",
-        "time_total_s": 0.1,
-    }
-    failed.last_result = {"time_total_s": 2.0}
-    for callback in (recorder, progress):
-        callback.on_trial_result(0, trials, diverged, diverged.last_result)
-        callback.on_trial_complete(0, trials, diverged)
-        callback.on_trial_error(0, trials, failed)
+    (rows,) = member_rows(diverged.trial_id, diverged.config)
+    rows.status, rows.error, rows.diverged_at = Status.DIVERGED, "losses not finite", 7
+    rows.write(tables.tables, tables.store, {}, {"wall_seconds": 0.1, "started_at": 0.0})
+    outcome = Outcome(Status.DIVERGED, "losses not finite", 7)
+    diverged.last_result = {**outcome.result(), "time_total_s": 0.1}
+    write_trial(tables, failed, evaluations=1)  # then its worker died, retries and all
+    failed.last_result, failed.num_failures = {"time_total_s": 2.0}, 2
+    write_trial(tables, stopped, evaluations=1)  # then ASHA stopped it
+    stopped.last_result = {"iteration": 20, "mode_entropy": 1.2, "time_total_s": 0.5}
+    for fake in (ok, diverged, stopped):
+        for callback in (tables, progress):
+            callback.on_trial_result(0, trials, fake, fake.last_result)
+            callback.on_trial_complete(0, trials, fake)
+        fake.status = "TERMINATED"
+    tables.on_trial_error(0, trials, failed)
+    progress.on_trial_error(0, trials, failed)
     progress.on_experiment_end(trials)
-    recorder.flush()
 
     rows = pd.read_parquet(tmp_path / TRIALS).set_index("trial_id")
     assert rows.loc[diverged.trial_id, ["status", "diverged_at", "iterations_done"]].tolist() == [
@@ -287,20 +297,47 @@ def test_a_diverged_and_a_failed_trial_are_recorded_and_printed(tmp_path):
         7,
         6,
     ]
-    assert rows.loc[failed.trial_id, ["status", "error"]].tolist() == [
+    assert rows.loc[failed.trial_id, ["status", "error", "retries"]].tolist() == [
         "failed",
         "RuntimeError: worker died",
+        2,
     ]
+    assert rows.loc[stopped.trial_id, ["status", "iterations_done"]].tolist() == ["stopped", 20]
+    assert rows.loc[ok.trial_id, "status"] == "finished"
     lines = out.getvalue().splitlines()
-    assert lines[:3] == [
-        "[1/3] finished vae seed=0  mode_entropy 1.900  1.0 s",
-        "[2/3] diverged vae seed=1  losses not finite at iteration 7  0.1 s",
-        "[3/3] failed vae seed=2  RuntimeError: worker died  2.0 s",
+    assert lines[:4] == [
+        "[1/4] finished vae seed=0  mode_entropy 1.900  1.0 s",
+        "[2/4] diverged vae seed=1  losses not finite at iteration 7  0.1 s",
+        "[3/4] stopped vae seed=3  mode_entropy 1.200  0.5 s",
+        "[4/4] failed vae seed=2  RuntimeError: worker died  2.0 s",
     ]
-    assert len(lines) == 4 and lines[3].startswith(
-        "[3/3] 1 done  0 running  0 pending  1 failed  1 diverged  0s elapsed  done  "
+    assert len(lines) == 5 and lines[4].startswith(
+        "[4/4] 2 done  0 running  0 pending  1 failed  1 diverged  0s elapsed  done  "
         "best mode_entropy 1.900 (vae seed=0)"
     )
+
+
+def test_a_resumed_run_makes_the_rows_agree_with_tunes_saved_state(tmp_path):
+    tables = study_tables(tmp_path)
+    tables.prepare()
+    known, lost, ended, errored = trial(0), trial(1), trial(2), trial(3)
+    for fake in (known, lost, ended, errored):
+        write_trial(tables, fake, evaluations=1)  # each running when the driver was killed
+    # Tune's snapshot: `lost` started after it; `ended` was stopped by the scheduler and
+    # `errored` failed for good before it, after their last writes.
+    ended.status, ended.last_result = "TERMINATED", {"iteration": 20}
+    errored.status = "ERROR"
+    resumed = study_tables(tmp_path)
+    resumed.prepare()
+    resumed.on_step_begin(iteration=0, trials=[known, ended, errored])
+    rows = pd.read_parquet(tmp_path / TRIALS).set_index("trial_id")
+    assert sorted(rows.index) == sorted(t.trial_id for t in (known, ended, errored))
+    assert rows.status.to_dict() == {
+        known.trial_id: "running",
+        ended.trial_id: "stopped",
+        errored.trial_id: "failed",
+    }
+    assert lost.trial_id not in set(pd.read_parquet(tmp_path / CURVES).trial_id)
 
 
 def test_a_grid_starts_its_longest_trials_first():
@@ -334,20 +371,3 @@ def test_the_eta_counts_down_between_trial_ends(monkeypatch):
     assert progress.progress_line().endswith("2m30s elapsed  ETA 2m30s")
     now[0] += 600.0
     assert progress.progress_line().endswith("12m30s elapsed  ETA 0s")
-
-
-def test_a_trial_resumes_from_and_keeps_its_newest_complete_checkpoint(tmp_path):
-    trial_folder = tmp_path / "train_trial_x"
-    for index, complete in [(0, True), (1, True), (2, False)]:  # 2: its file never arrived
-        folder = trial_folder / f"checkpoint_{index:06d}"
-        folder.mkdir(parents=True)
-        if complete:
-            (folder / CHECKPOINT_FILE).write_bytes(b"state")
-    restored = tune.Checkpoint.from_directory(trial_folder / "checkpoint_000000")
-    newest = newest_checkpoint(restored)  # Tune's snapshot pointed at an older one
-    assert Path(newest.path).name == "checkpoint_000001"
-    assert newest_checkpoint(newest).path == newest.path
-
-    deleted = delete_older_checkpoints(restored.filesystem, restored.path)
-    assert sorted(Path(path).name for path in deleted) == ["checkpoint_000000", "checkpoint_000002"]
-    assert [p.name for p in trial_folder.iterdir()] == ["checkpoint_000001"]

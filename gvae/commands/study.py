@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,9 +105,24 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     # A local Ray starts meanwhile the driver imports torch and loads the data and evaluator.
     ray_start = RayStart.begin(args.address)
     try:
-        return _run_and_summarise(spec, raw, args, ray_start)
+        with _sigterm_interrupts():
+            return _run_and_summarise(spec, raw, args, ray_start)
     finally:  # also after bad input found once Ray began starting
         ray_start.close()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, Kubernetes, Slurm) stops the study as Ctrl-C does: Tune saves its
+    state, the driver prints how far the study got, and exits 130; a second one skips the save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_and_summarise(

@@ -8,7 +8,7 @@ what makes `gvae study resume` possible.
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
 import math
 import os
 import platform
@@ -24,39 +24,38 @@ import yaml
 from ray import tune
 from ray.tune.error import TuneError
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from gvae.config import TrialConfig
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
-from gvae.evaluator import load_or_train_evaluator
+from gvae.evaluation import load_or_train_evaluator
 from gvae.io import atomic_local_filesystem
-from gvae.study.checkpoints import KEPT_WHILE_RUNNING, KeepLastCheckpoint
-from gvae.study.faults import StopWhenStorageFull, hide_tune_hints, resume_command, storage_errors
+from gvae.study import compat
+from gvae.study.faults import StopWhenStorageFull, resume_command, storage_errors
 from gvae.study.lease import StudyLease
+from gvae.study.outcome import ENDED
 from gvae.study.packs import PACKED_SUGGESTION, SEEDS, pack_points, replicate_seeds
 from gvae.study.progress import ConsoleProgress
 from gvae.study.ray_start import RayStart
-from gvae.study.recorder import ParquetRecorder
-from gvae.study.replicates import SUGGESTION, SeedReplicates
+from gvae.study.replicates import SeedReplicates
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
-from gvae.study.searcher import DivergenceTolerantASHA, make_tolerant, tolerant_search
 from gvae.study.spec import Range, StudySpec, parse_study, read_yaml
+from gvae.study.tables import SUGGESTION, StudyTables, Tables
 from gvae.study.trainable import train_trial
 
 EXPERIMENT = "tune"
-# Tune warns when trials checkpoint faster than it snapshots; frequent small checkpoints are the
-# point here (every evaluation), so the warning is noise.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# Tune's default loggers write every result (the final per-image arrays included) to JSON, CSV and
-# TensorBoard files per trial: the Parquet tables hold all of it, so they are only cost here.
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 SPEC_FILE = "study.yaml"
-# Trial statuses that mean the trial has ended (the rest: pending, running).
-ENDED = ("finished", "diverged", "stopped", "failed")
+# What a study folder holds and how, besides Tune's own experiment folder: the tables' layout,
+# which rows a trial writes. A folder of another format is refused, not converted.
+FORMAT_FILE = "format.json"
+FORMAT = 2
+# Tune keeps two checkpoints per trial: with one, each evaluation of each trial forces a snapshot
+# of Tune's whole experiment state, which grows with the study (quadratic driver time).
+CHECKPOINTS_KEPT = 2
 
 
 @dataclass
@@ -131,35 +130,23 @@ def _run_leased(
     spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
 
     _leave_job_working_dir()
-    _quiet_tune_logs(verbose)
+    compat.quiet_tune_output(verbose)
     ray_start.wait(log)
     check_resources(spec, resource_wait if ray_start.address else 0.0, log)
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, evaluator_states=evaluator_states),
-        {"cpu": spec.cpus, "gpu": spec.gpus},
-    )
     experiment = f"{store.root}/{EXPERIMENT}"
-    filesystem = _tune_filesystem(store)
-    resumed = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    resumed = tune.Tuner.can_restore(experiment, storage_filesystem=_tune_filesystem(store))
     if resumed:
         where = store.location(EXPERIMENT)
         log(f"resuming study {spec.name} from {where}: finished trials are kept")
-        tuner = tune.Tuner.restore(
-            experiment, trainable, resume_unfinished=True, storage_filesystem=filesystem
-        )
-        _tolerate_missing_objectives(tuner)
-        _set_output(tuner, spec, verbose)
+        _note_other_versions(store, log)
     else:
         _write_spec(store, raw_spec)
-        recorder = ParquetRecorder(store, spec.name, provenance())
-        tuner = _new_tuner(spec, trainable, store, recorder, verbose, image_sizes)
-    hide_tune_hints()
-    _fit(tuner)
-    trials = store.read(TRIALS)
-    statuses = trials["status"] if not trials.empty else []
+    tables = StudyTables(Tables.of(spec, store.uri, provenance()), spec.tune_trial_count)
+    tables.prepare()
+    _fit(spec, store, tables, evaluator_states, image_sizes, resumed, verbose)
+    statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
-    failed = sum(status == "failed" for status in statuses)
-    return StudyRun(spec, store, resumed, done, failed)
+    return StudyRun(spec, store, resumed, done, statuses.count("failed"))
 
 
 def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:
@@ -168,10 +155,40 @@ def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:
     return store.fs if "://" in store.uri else atomic_local_filesystem()
 
 
-def _fit(tuner: tune.Tuner) -> None:
-    """tuner.fit(), raising the error that stopped it as it was (Tune wraps it in TuneError)."""
+def _fit(
+    spec: StudySpec,
+    store: ResultsStore,
+    tables: StudyTables,
+    evaluator_states: dict[str, dict[str, Any]],
+    image_sizes: dict[str, int],
+    resumed: bool,
+    verbose: bool,
+) -> None:
+    """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
+    this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
+    raising the error that stopped it as it was (Tune wraps it in TuneError)."""
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, evaluator_states=evaluator_states, tables=tables.tables),
+        {"cpu": spec.cpus, "gpu": spec.gpus},
+    )
+    # The guard first: it stops the study before a trial is recorded failed for a full disk.
+    callbacks = [StopWhenStorageFull(store.uri), tables]
     try:
-        tuner.fit()
+        tune.run(
+            trainable,
+            name=EXPERIMENT,
+            storage_path=store.root,
+            storage_filesystem=_tune_filesystem(store),
+            resume=True if resumed else None,
+            callbacks=callbacks if verbose else [*callbacks, _progress(spec)],
+            max_failures=spec.max_failures,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            verbose=1 if verbose else 0,
+            reuse_actors=True,  # no new worker process (and torch import) per trial
+            raise_on_failed_trial=False,  # failures are in the tables and the exit status
+            scheduler=_scheduler(spec),
+            **_search(spec, image_sizes),
+        )
     except TuneError as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, GvaeError | OSError):
@@ -179,13 +196,32 @@ def _fit(tuner: tune.Tuner) -> None:
         raise (cause or error) from None
 
 
-def _tolerate_missing_objectives(tuner: tune.Tuner) -> None:
-    """A study begun before diverged trials were tolerated pickled a bare OptunaSearch and ASHA,
-    which stop the study at its first diverged trial: give the restored run the wrappers."""
-    internal = getattr(tuner, "_local_tuner", None)  # None under Ray Client: tuner is remote
-    if internal is None:
-        return
-    make_tolerant(internal._tune_config)
+def _search(spec: StudySpec, image_sizes: dict[str, int]) -> dict[str, Any]:
+    """tune.run's search arguments: the grid's points in the order they start (Tune's own grid
+    order is by key name), or Optuna over the space."""
+    space: dict[str, Any] = dict(spec.base_config())
+    space["model"] = tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
+    if spec.search_type == "grid":
+        points = tune_points(spec, image_sizes)
+        space["model"] = tune.choice(list(spec.models))
+        # Points may only set keys the space has; every point sets them all, so nothing is drawn.
+        space["dataset"] = tune.choice(list(spec.datasets))
+        space.update({key: tune.choice(values) for key, values in spec.grid.items()})
+        if spec.pack > 1:
+            del space["seed"]
+            space[SEEDS] = tune.choice([point[SEEDS] for point in points])
+        generator = BasicVariantGenerator(
+            points_to_evaluate=points, max_concurrent=spec.concurrency
+        )
+        return {"config": space, "search_alg": generator, "num_samples": len(points)}
+    space.update({key: _domain(value) for key, value in spec.space.items()})
+    if spec.pack > 1:  # one trial per suggestion, training its replicates as one pack
+        space[SEEDS] = replicate_seeds(spec.fixed.get("seed", 0), spec.replicates)
+        space[SUGGESTION] = PACKED_SUGGESTION
+    searcher = _optuna_search(spec)
+    if spec.concurrency:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency)
+    return {"config": space, "search_alg": searcher, "num_samples": spec.tune_trial_count}
 
 
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
@@ -230,9 +266,18 @@ def _exists(store: ResultsStore, name: str) -> bool:
 
 
 def _check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
-    """Refuse to mix two different studies under one name."""
+    """Refuse to mix two different studies under one name, or to continue a study folder of
+    another format."""
     if not _exists(store, SPEC_FILE):
         return
+    found = _read_format(store).get("format", 1)
+    if found != FORMAT:
+        versions = "an earlier" if found < FORMAT else "a later"
+        raise GvaeError(
+            f"study: {store.uri} was written by {versions} version of gvae (study format "
+            f"{found}, this one reads {FORMAT}); finish it with the version that wrote it, or "
+            "start it afresh under another name or after removing that folder"
+        )
     with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
         saved = read_yaml(stream.readall().decode())
     if saved != raw_spec:
@@ -244,23 +289,28 @@ def _check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
 
 def _write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
     store.fs.create_dir(store.root, recursive=True)
-    with store.fs.open_output_stream(f"{store.root}/{SPEC_FILE}") as stream:
+    versions = {name: _version(name) for name in ("gvae", "ray", "optuna", "torch")}
+    with store.fs.open_output_stream(store.path(FORMAT_FILE)) as stream:
+        stream.write(json.dumps({"format": FORMAT, "versions": versions}).encode())
+    with store.fs.open_output_stream(store.path(SPEC_FILE)) as stream:
         stream.write(yaml.safe_dump(raw_spec, sort_keys=False).encode())
 
 
-def _quiet_tune_logs(verbose: bool) -> None:
-    """Keep Tune's log lines to what a user acts on.
+def _read_format(store: ResultsStore) -> dict[str, Any]:
+    if not _exists(store, FORMAT_FILE):
+        return {}
+    with store.fs.open_input_stream(store.path(FORMAT_FILE)) as stream:
+        return json.loads(stream.readall())
 
-    Its result analysis warns about every trial when it finds no result.json or progress.csv,
-    which are turned off on purpose (see TUNE_DISABLE_AUTO_CALLBACK_LOGGERS above); its INFO
-    lines (state snapshots) are shown only with --verbose.
-    """
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        # Tune's newer output engine always prints its header and adds a reporter of its own;
-        # the plain one prints nothing at verbosity 0, leaving the console to ConsoleProgress.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+def _note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None:
+    """Say so when the study was begun under another minor release of Ray or Optuna, whose
+    saved state this one may read differently."""
+    began = _read_format(store).get("versions", {})
+    for package in ("ray", "optuna"):
+        then, now = began.get(package), _version(package)
+        if then and now and then.split(".")[:2] != now.split(".")[:2]:
+            log(f"study began under {package} {then}; continuing it under {package} {now}")
 
 
 def _leave_job_working_dir() -> None:
@@ -285,28 +335,6 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
     if spec.pack > 1:  # Tune's trials are packs, which show their seeds
         params = tuple(SEEDS if key == "seed" else key for key in params)
     return ConsoleProgress(spec.tune_trial_count, objective=objective, params=params)
-
-
-def _callbacks(spec: StudySpec, recorder: ParquetRecorder, verbose: bool) -> list[Any]:
-    kept = [recorder, KeepLastCheckpoint()]
-    return kept if verbose else [*kept, _progress(spec)]
-
-
-def _set_output(tuner: tune.Tuner, spec: StudySpec, verbose: bool) -> None:
-    """Apply this run's --verbose to a restored Tuner (its run config was saved by the first)."""
-    local = getattr(tuner, "_local_tuner", None)  # None under Ray Client, which prints its own
-    if local is None:
-        return
-    run_config = local.get_run_config()
-    recorders = [c for c in run_config.callbacks or [] if isinstance(c, ParquetRecorder)]
-    others = [
-        c
-        for c in run_config.callbacks or []
-        if not isinstance(c, ParquetRecorder | ConsoleProgress | KeepLastCheckpoint)
-    ]
-    ours = _callbacks(spec, recorders[0], verbose) if recorders else []
-    run_config.callbacks = [*ours, *others]
-    run_config.verbose = 1 if verbose else 0
 
 
 def tune_points(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
@@ -338,69 +366,6 @@ def longest_first(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str
 NETS_PER_STEP = {"gan": 2, "wgan": 2, "vae": 2, "vaegan": 3, "cvaegan": 3}
 
 
-def _new_tuner(
-    spec: StudySpec,
-    trainable: Any,
-    store: ResultsStore,
-    recorder: ParquetRecorder,
-    verbose: bool,
-    image_sizes: dict[str, int],
-) -> tune.Tuner:
-    param_space: dict[str, Any] = dict(spec.base_config())
-    tune_config: dict[str, Any] = {
-        "max_concurrent_trials": spec.concurrency or None,
-        "scheduler": _scheduler(spec),
-        "reuse_actors": True,  # no new worker process (and torch import) per trial
-    }
-    if spec.search_type == "grid":
-        # Every grid point, in the order they start: Tune's own grid order is by key name.
-        points = tune_points(spec, image_sizes)
-        # Points may only set keys the space has; every point sets them all, so nothing is drawn.
-        param_space["model"] = tune.choice(list(spec.models))
-        param_space["dataset"] = tune.choice(list(spec.datasets))
-        param_space.update({key: tune.choice(values) for key, values in spec.grid.items()})
-        if spec.pack > 1:
-            del param_space["seed"]
-            param_space[SEEDS] = tune.choice([point[SEEDS] for point in points])
-        # The generator limits concurrency itself: Tune ignores max_concurrent_trials beside it.
-        tune_config["search_alg"] = BasicVariantGenerator(
-            points_to_evaluate=points, max_concurrent=spec.concurrency
-        )
-        tune_config["max_concurrent_trials"] = None
-        tune_config["num_samples"] = len(points)
-    else:
-        param_space["model"] = (
-            tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
-        )
-        param_space.update({key: _domain(value) for key, value in spec.space.items()})
-        if spec.pack > 1:  # one trial per suggestion, training its replicates as one pack
-            param_space[SEEDS] = replicate_seeds(spec.fixed.get("seed", 0), spec.replicates)
-            param_space[SUGGESTION] = PACKED_SUGGESTION
-        # Diverged trials tolerated outermost, so the replicates and Optuna inside see them as
-        # failed; the concurrency limit sits inside too (see tolerant_search).
-        tune_config["search_alg"] = tolerant_search(_optuna_search(spec), spec.concurrency or None)
-        tune_config["max_concurrent_trials"] = None
-        tune_config["num_samples"] = spec.tune_trial_count
-    run_config = tune.RunConfig(
-        name=EXPERIMENT,
-        storage_path=store.root,
-        storage_filesystem=_tune_filesystem(store),
-        # The guard first: it stops the study before the recorder marks a trial failed.
-        callbacks=[StopWhenStorageFull(store.uri), *_callbacks(spec, recorder, verbose)],
-        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        # Two while a trial runs (one would force a snapshot of the whole study per checkpoint);
-        # KeepLastCheckpoint leaves ended trials their last (gvae.study.checkpoints).
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_WHILE_RUNNING),
-        verbose=1 if verbose else 0,
-    )
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(**tune_config),
-        run_config=run_config,
-    )
-
-
 def _optuna_search(spec: StudySpec) -> Searcher:
     """Optuna over the study's space; with replicates, each suggestion runs on several seeds."""
     search: Searcher = OptunaSearch(
@@ -425,7 +390,7 @@ def _domain(value: Range | list[Any]) -> Any:
 def _scheduler(spec: StudySpec) -> ASHAScheduler | None:
     if spec.scheduler is None:
         return None
-    return DivergenceTolerantASHA(
+    return ASHAScheduler(
         metric=spec.scheduler.metric,
         mode=spec.scheduler.mode,
         time_attr="training_iteration",  # counts evaluations

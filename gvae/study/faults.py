@@ -1,4 +1,4 @@
-"""Storage faults as one line with the fix, and Tune's stop messages replaced by gvae's own.
+"""Storage faults as one line with the fix.
 
 A full disk stops the study (exit status 2) with the path and the command that continues it once
 there is room; an S3 bucket that is wrong or refuses the credentials stops it before training.
@@ -7,7 +7,6 @@ there is room; an S3 bucket that is wrong or refuses the credentials stops it be
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,37 +67,3 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
         ) from None
-
-
-class _HideTuneHints(logging.Filter):
-    """At a stop Tune names its Python API (`Tuner.restore(...)`) and warns about trials that had
-    not reported yet; gvae says instead how far the study got and which command continues it."""
-
-    HIDDEN = (
-        "Resume experiment with",
-        "Failed to fetch metrics",
-        "Trials did not complete",
-        # A study begun before DivergenceTolerantSearch has no state saved for it (it has none).
-        "DivergenceTolerantSearch was not found",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] and is_full(record.exc_info[1]):
-            return False  # a full disk: gvae's own line names the path and the fix
-        if "No space left on device" in message:
-            return False
-        return not any(hidden in message for hidden in self.HIDDEN)
-
-
-def hide_tune_hints() -> None:
-    for name in (
-        "ray.tune.tune",
-        "ray.tune.execution.tune_controller",  # a trial's traceback when storage is full
-        "ray.train._internal.syncer",  # and a failed upload of Tune's state
-        "ray.tune.analysis.experiment_analysis",
-        "ray.tune.search.search_generator",
-    ):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _HideTuneHints) for f in logger.filters):
-            logger.addFilter(_HideTuneHints())

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from gvae.study.outcome import Outcome, Status, error_line, is_finite_number
+
 ERASE = "\r\x1b[K"
 SHOWN_METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
 
@@ -50,7 +52,6 @@ class ConsoleProgress(Callback):
         self.ended = 0
         self.best: tuple[float, str] | None = None
         self.counts: dict[str, int] = {}
-        self.diverged: set[str] = set()
         self.final: dict[str, str] = {}  # trial id -> how it ended, as soon as its hook runs
         self.progress_shown = False
 
@@ -74,24 +75,21 @@ class ConsoleProgress(Callback):
         self.counts = {}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        if "diverged_at" in result:
-            self.diverged.add(trial.trial_id)
         value = result.get(self.metric)
-        if value is not None and (self.best is None or self._better(value, self.best[0])):
+        if is_finite_number(value) and (self.best is None or self._better(value, self.best[0])):
             self.best = (float(value), self._describe(trial))
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.mode == "max" else value < than
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        status = "diverged" if trial.trial_id in self.diverged else _ended_status(trial)
-        self._trial_line(trials, trial, status)
+        self._trial_line(trials, trial, _outcome(trial))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial_line(trials, trial, "failed")
+        self._trial_line(trials, trial, Outcome(Status.FAILED, error_line(trial.get_error())))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = _last_line(trial.get_error())
+        error = error_line(trial.get_error())
         line = f"{self._counter()} retrying {self._describe(trial)}  {error}"
         self._emit(f"{line} (failure {trial.num_failures})", keep=True)
         if self.tty:
@@ -117,7 +115,8 @@ class ConsoleProgress(Callback):
             if key in config
         )
 
-    def _trial_line(self, trials: list, trial: Any, status: str) -> None:
+    def _trial_line(self, trials: list, trial: Any, outcome: Outcome) -> None:
+        status = outcome.status.value
         self.ended_this_run += 1
         self.last_end = time.monotonic()
         self.final[trial.trial_id] = status
@@ -132,12 +131,14 @@ class ConsoleProgress(Callback):
             self.counts["running"] = max(self.counts["running"] - 1, 0)
         result = trial.last_result or {}
         metrics = "  ".join(
-            f"{name} {result[name]:.3f}" for name in SHOWN_METRICS if result.get(name) is not None
+            f"{name} {result[name]:.3f}"
+            for name in SHOWN_METRICS
+            if is_finite_number(result.get(name))
         )
-        if status == "diverged":
-            metrics = f"losses not finite at iteration {result.get('diverged_at')}"
-        elif status == "failed":
-            metrics = result.get("failed_error") or _last_line(trial.get_error())
+        if outcome.status is Status.DIVERGED:
+            metrics = f"losses not finite at iteration {outcome.diverged_at}"
+        elif outcome.status is Status.FAILED:
+            metrics = outcome.error or error_line(trial.get_error())
         seconds = result.get("time_total_s")
         took = f"  {seconds:.1f} s" if seconds is not None else ""
         line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"
@@ -156,10 +157,8 @@ class ConsoleProgress(Callback):
             elif trial.status == "ERROR":
                 counts["failed"] += 1
             elif trial.status == "TERMINATED":
-                diverged = trial.trial_id in self.diverged or "diverged_at" in (
-                    trial.last_result or {}
-                )
-                counts["diverged" if diverged else "done"] += 1
+                ended = _outcome(trial).status.value
+                counts["done" if ended in ("finished", "stopped") else ended] += 1
             else:
                 counts["pending"] += 1
         counts["pending"] += max(self.total - len(trials), 0)  # not created by the searcher yet
@@ -203,18 +202,8 @@ class ConsoleProgress(Callback):
         self.stream.flush()
 
 
-def _last_line(error: Any) -> str:
-    """The exception and its message: the last line of a traceback."""
-    lines = [line for line in str(error or "").strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "error"
-
-
-def _ended_status(trial: Any) -> str:
-    result = trial.last_result or {}
-    if "failed_error" in result:  # an error retrying cannot fix, ended by the trainable
-        return "failed"
-    iterations = trial.config.get("iterations")
-    return "finished" if result.get("iteration") == iterations else "stopped"
+def _outcome(trial: Any) -> Outcome:
+    return Outcome.of_result(trial.last_result, trial.config.get("iterations"))
 
 
 def _duration(seconds: float) -> str:

@@ -7,15 +7,13 @@ overlap. This module imports Ray alone, so `gvae study run` can call it before t
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
-import signal
-import sys
 import threading
 from collections.abc import Callable
 
 import ray
+
+from gvae.study import compat
 
 
 class RayStart:
@@ -34,12 +32,6 @@ class RayStart:
         """Start a local Ray on a thread now, when this process is to start one; `wait` joins it."""
         start = cls(address)
         if not start.address and not ray.is_initialized():
-            # ray.init sets this handler only on the main thread (and warns it did not here):
-            # SIGTERM exits through the exit hooks, which stop the local Ray.
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-            ray_logger = logging.getLogger("ray._private.worker")
-            if not any(isinstance(f, _SigtermHandlerWarning) for f in ray_logger.filters):
-                ray_logger.addFilter(_SigtermHandlerWarning())
             start._thread = threading.Thread(
                 target=start._start_and_hold, name="gvae-ray", daemon=True
             )
@@ -87,17 +79,7 @@ class RayStart:
 
     def _init_local(self) -> None:
         try:
-            ray.init(log_to_driver=False)
+            with compat.off_main_thread_ray_init():
+                ray.init(log_to_driver=False)
         except BaseException as error:  # raised again by wait, on the driver's thread
             self._error = error
-            return
-        # Ray's own exit hook pauses half a second so that worker logs finish printing; with
-        # log_to_driver off there are none, so the local Ray goes down at once, before that hook.
-        atexit.register(ray.shutdown)
-
-
-class _SigtermHandlerWarning(logging.Filter):
-    """Ray's warning that ray.init off the main thread set no SIGTERM handler: begin sets it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()

@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -200,26 +199,21 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 class FragmentedTable:
-    """One table written as one fragment per trial (see the module docstring)."""
+    """One table written as one fragment per trial, of a schema declared by gvae.study.tables
+    (see the module docstring). Any process may write a trial's fragment; only the driver
+    splits and compacts."""
 
-    def __init__(self, store: ResultsStore, name: str) -> None:
+    def __init__(self, store: ResultsStore, name: str, schema: pa.Schema) -> None:
         self.store = store
         self.name = name
-        self._set_schema(pa.schema([]))
-        self.folder = False  # True once the table is a dataset folder
-        self.written = False  # whether this run wrote a fragment (compaction has work)
+        self.schema = schema
+        self._compacted = compacted_name(name)
+        self._split = split_name(name)
 
-    # Paths of the two hidden siblings behind the multi-step changes.
-    @property
-    def _compacted(self) -> str:
-        return compacted_name(self.name)
-
-    @property
-    def _split(self) -> str:
-        return split_name(self.name)
-
-    def open(self) -> None:
-        """Finish an interrupted compaction or split, then learn the table's current schema."""
+    def open_for_writing(self) -> None:
+        """Finish an interrupted compaction or split, turn a compacted table back into
+        fragments, and write the schema file: the declared columns, then any an earlier run
+        wrote that are no longer declared (readers keep seeing them)."""
         store = self.store
         if store.kind(self._compacted) == pafs.FileType.File:  # the compacted file is complete
             store.delete(self.name)
@@ -227,84 +221,63 @@ class FragmentedTable:
         store.delete(f"{self._compacted}.partial")
         if store.kind(self._split) == pafs.FileType.File:
             store.delete(self.name)
-            self._split_from(self._split)
-        kind = store.kind(self.name)
-        self.folder = kind == pafs.FileType.Directory
-        if kind == pafs.FileType.File:
-            self._set_schema(pq.read_schema(store.path(self.name), filesystem=store.fs))
-        elif self.folder:
-            schema_path = store.path(f"{self.name}/{SCHEMA_FILE}")
-            self._set_schema(pq.read_schema(schema_path, filesystem=store.fs))
-
-    def read(self, columns: list[str] | None = None) -> pa.Table | None:
-        return self.store.read_table(self.name, columns)
-
-    def read_trial(self, trial_id: str) -> list[dict[str, Any]]:
-        """The rows of one trial: its fragment, or its rows in a single-file table."""
-        if self.folder:
-            path = f"{self.name}/{fragment_name(trial_id)}"
-            if self.store.kind(path) != pafs.FileType.File:
-                return []
-            return pq.read_table(self.store.path(path), filesystem=self.store.fs).to_pylist()
-        table = self.read()
-        if table is None:
-            return []
-        return table.filter(ds.field("trial_id") == trial_id).to_pylist()
-
-    def write_trial(self, trial_id: str, rows: list[dict[str, Any]]) -> None:
-        """Replace every row of one trial (no rows: remove the trial)."""
-        self._ensure_folder()
-        self.written = True
-        path = f"{self.name}/{fragment_name(trial_id)}"
-        if not rows:
-            self.store.delete(path)
-            return
-        self.store.put(path, self._as_schema(rows), fragment=True)
-
-    def _as_schema(self, rows: list[dict[str, Any]]) -> pa.Table:
-        """The rows as a table of the table's schema, widening the schema when they need it."""
-        if all(key in self.names for row in rows for key in row):
-            try:  # the usual case, and the fast one: no type inference, no casts
-                return pa.Table.from_pylist(rows, schema=self.schema)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                pass  # a value the schema's type cannot hold (a float in an int column)
-        table = rows_table(rows)
-        merged = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
-        if not merged.equals(self.schema):  # the schema file first: readers never drop a column
-            self._set_schema(merged)
-            self.store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
-        return conform(table, self.schema)
-
-    def _set_schema(self, schema: pa.Schema) -> None:
-        self.schema = schema
-        self.names = set(schema.names)
-
-    def _ensure_folder(self) -> None:
-        if self.folder:
-            return
-        if self.store.kind(self.name) == pafs.FileType.File:
-            self.store.fs.move(self.store.path(self.name), self.store.path(self._split))
-            self._split_from(self._split)
+        elif store.kind(self.name) == pafs.FileType.File:
+            store.fs.move(store.path(self.name), store.path(self._split))
         else:
-            self.store.fs.create_dir(self.store.path(self.name), recursive=True)
-            self.store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
-        self.folder = True
+            store.fs.create_dir(store.path(self.name), recursive=True)
+            self._widen(self._folder_schema())
+            return
+        self._split_from(self._split)
+
+    def _folder_schema(self) -> pa.Schema | None:
+        try:
+            return read_parquet_whole(self.store.fs, self.store.path(self._schema_file)).schema
+        except FileNotFoundError:
+            return None
+
+    @property
+    def _schema_file(self) -> str:
+        return f"{self.name}/{SCHEMA_FILE}"
+
+    def _widen(self, found: pa.Schema | None) -> None:
+        if found is not None:
+            extra = [field for field in found if field.name not in self.schema.names]
+            self.schema = pa.schema([*self.schema, *extra])
+        self.store.put(self._schema_file, self.schema.empty_table())
 
     def _split_from(self, source: str) -> None:
         """Rewrite a single-file table (at `source`) as a folder of per-trial fragments."""
         store = self.store
         table = pq.read_table(store.path(source), filesystem=store.fs)
-        self._set_schema(table.schema)
         store.fs.create_dir(store.path(self.name), recursive=True)
-        store.put(f"{self.name}/{SCHEMA_FILE}", self.schema.empty_table())
+        self._widen(table.schema)
         by_trial: dict[str, list[dict[str, Any]]] = {}
         for row in table.to_pylist():
             by_trial.setdefault(row["trial_id"], []).append(row)
         for trial_id, rows in by_trial.items():
-            fragment = conform(rows_table(rows), table.schema)
-            store.put(f"{self.name}/{fragment_name(trial_id)}", fragment, fragment=True)
+            self.write_trial(trial_id, rows)
         store.delete(source)
-        self.folder = True
+
+    def trial_ids(self) -> list[str]:
+        """The trials with a fragment, in trial-id order."""
+        names = [path.rsplit("/", 1)[1] for path in self.store.fragment_paths(self.name)]
+        return [name[len("part-") : -len(".parquet")] for name in names]
+
+    def read_trial(self, trial_id: str) -> list[dict[str, Any]]:
+        """The rows of one trial's fragment ([] when it has none)."""
+        path = self.store.path(f"{self.name}/{fragment_name(trial_id)}")
+        try:
+            return read_parquet_whole(self.store.fs, path).to_pylist()
+        except FileNotFoundError:
+            return []
+
+    def write_trial(self, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        """Replace every row of one trial (no rows: remove the trial)."""
+        path = f"{self.name}/{fragment_name(trial_id)}"
+        if not rows:
+            self.store.delete(path)
+            return
+        self.store.put(path, pa.Table.from_pylist(rows, schema=self.schema), fragment=True)
 
     def compact(self) -> None:
         """Merge the folder into one file of the same name, trial by trial in trial-id order.
@@ -312,29 +285,29 @@ class FragmentedTable:
         Fragments are read a window at a time, in file-name order (trial ids), so memory holds
         a window and one row group, not the table.
         """
-        if not self.folder or not self.written:
-            return
         store = self.store
+        if store.kind(self.name) != pafs.FileType.Directory:
+            return
+        schema = self._folder_schema() or self.schema
         files = store.fragment_paths(self.name)
         partial = f"{self._compacted}.partial"
         with (
             store.fs.open_output_stream(store.path(partial)) as stream,
-            pq.ParquetWriter(stream, self.schema) as writer,
+            pq.ParquetWriter(stream, schema) as writer,
         ):
             pending: list[pa.Table] = []
             for fragment in read_fragments(store.fs, files):
-                pending.append(conform(fragment, self.schema))
+                pending.append(conform(fragment, schema))
                 if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
                     pending = []
-            if pending:
-                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+            if pending or not files:
+                rows = pa.concat_tables(pending) if pending else schema.empty_table()
+                writer.write_table(rows, row_group_size=ROW_GROUP_ROWS)
         store.bytes_written += store.fs.get_file_info(store.path(partial)).size
         store.fs.move(store.path(partial), store.path(self._compacted))
         store.delete(self.name)
         store.fs.move(store.path(self._compacted), store.path(self.name))
-        self.folder = False
-        self.written = False
 
 
 def compacted_name(table: str) -> str:

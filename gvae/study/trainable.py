@@ -1,16 +1,16 @@
-"""The Ray Tune function trainable: the core trainer, reporting evaluations with checkpoints."""
+"""The Ray Tune function trainable: the core trainer, reporting evaluations with checkpoints and
+writing the trial's own rows of the study tables (gvae.study.tables) as it goes."""
 
 from __future__ import annotations
 
 import json
-import math
 import socket
-import tempfile
-from collections.abc import Callable
+import time
+import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
@@ -18,52 +18,191 @@ from ray import tune
 from gvae.config import TrialConfig
 from gvae.divergence import Diverged
 from gvae.errors import GvaeError
-from gvae.evaluator import Evaluator
-from gvae.study.checkpoints import newest_checkpoint
+from gvae.evaluation import Evaluator
+from gvae.io import CHECKPOINT_FILE
+from gvae.study.outcome import Outcome, Status, is_finite_number
 from gvae.study.packs import is_pack, members
-from gvae.study.replicates import SUGGESTION
-from gvae.trainer import resolve_device, run_pack, run_trial
+from gvae.study.tables import ARRAYS, SUGGESTION, MemberRows, Tables, member_rows
+from gvae.trainer import TrialOutcome, resolve_device, run_pack, run_trial
+
+# Each checkpoint holds the trial's rows as of that checkpoint, so a trial resumed from it writes
+# the rows it had then, and training on rewrites what follows.
+RECORD_FILE = "record.json"
 
 
-def train_trial(params: dict[str, Any], evaluator_states: dict[str, dict[str, Any]]) -> None:
+class TrialRecord:
+    """The rows of one Tune trial (one per pack member) and where they are written."""
+
+    def __init__(self, tables: Tables, rows: list[MemberRows], context: dict[str, Any]) -> None:
+        self.tables = tables
+        self.store = tables.store()
+        self.rows = rows
+        self.context = context
+        self.started_at = time.time()
+        self.earlier_seconds = 0.0  # spent by earlier runs of the trial, before its checkpoint
+        self.clock = time.monotonic()
+
+    def restore(self, directory: Path) -> None:
+        saved = json.loads((directory / RECORD_FILE).read_text())
+        self.started_at, self.earlier_seconds = saved["started_at"], saved["wall_seconds"]
+        for row, member in zip(self.rows, saved["members"], strict=True):
+            row.curve = member["curve"]
+            row.status, row.error = Status(member["status"]), member["error"]
+            row.diverged_at = member["diverged_at"]
+
+    def save(self, directory: Path) -> None:
+        saved = [
+            {
+                "curve": r.curve,
+                "status": r.status.value,
+                "error": r.error,
+                "diverged_at": r.diverged_at,
+            }
+            for r in self.rows
+        ]
+        timing = self.timing()
+        record = {"started_at": timing["started_at"], "wall_seconds": timing["wall_seconds"]}
+        (directory / RECORD_FILE).write_text(json.dumps({**record, "members": saved}))
+
+    def timing(self) -> dict[str, float]:
+        seconds = self.earlier_seconds + time.monotonic() - self.clock
+        return {"wall_seconds": seconds, "started_at": self.started_at}
+
+    def write(self) -> None:
+        for row in self.rows:
+            row.write(self.tables, self.store, self.context, self.timing())
+
+    def note(self, row: MemberRows, metrics: dict[str, Any]) -> None:
+        """A member's report: its newest evaluation, or its divergence."""
+        if "diverged_at" in metrics:
+            row.status, row.error = Status.DIVERGED, metrics["diverged_error"]
+            row.diverged_at = metrics["diverged_at"]
+            return
+        point = {key: value for key, value in metrics.items() if key not in ARRAYS}
+        row.curve = [p for p in row.curve if p["iteration"] < point["iteration"]] + [point]
+
+    def end(self, outcomes: list[TrialOutcome]) -> None:
+        """The trainer's outcomes: each member's whole curve and last arrays."""
+        for row, outcome in zip(self.rows, outcomes, strict=True):
+            row.curve = outcome.curve
+            row.arrays = {key: outcome.final[key] for key in ARRAYS if key in outcome.final}
+            if outcome.diverged is None:
+                row.status = Status.FINISHED
+            elif row.status is not Status.DIVERGED:
+                self.note(row, _divergence(outcome.diverged))
+        self.write()
+
+    def stop(self, outcome: Outcome) -> None:
+        """The trial ends without finishing: its rows and its last report say how."""
+        for row in self.rows:
+            if not row.status.ended:
+                row.status, row.error = outcome.status, outcome.error
+                row.diverged_at = outcome.diverged_at
+        self.write()
+        tune.report({**self.context, **outcome.result()})
+
+
+def train_trial(
+    params: dict[str, Any], evaluator_states: dict[str, dict[str, Any]], tables: Tables
+) -> None:
     """Run one trial (or pack, gvae.study.packs) under Ray Tune, resuming from the trial's
-    checkpoint after a failure.
+    checkpoint after a failure or an interrupted study.
 
     `evaluator_states`: the evaluator of each dataset of the study, by dataset name."""
-    params = {key: value for key, value in params.items() if key != SUGGESTION}
-    configs = [TrialConfig.from_dict(fields).validate() for _, fields in members("", params)]
+    fields = {key: value for key, value in params.items() if key != SUGGESTION}
+    configs = [TrialConfig.from_dict(member).validate() for _, member in members("", fields)]
     device = resolve_device(configs[0].device)
     evaluator = _cached_evaluator(evaluator_states[configs[0].dataset], device)
     context = _context(device, evaluator)
-    train = (
-        _lone_trainer(configs[0], context)
-        if not is_pack(params)
-        else _pack_trainer(configs, context)
-    )
-
+    record = TrialRecord(tables, member_rows(tune.get_context().get_trial_id(), params), context)
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        checkpoint = _catch_up(checkpoint, context)
+    with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
+        resume_from = _readable(Path(directory)) if directory else None
+        if resume_from is not None:
+            record.restore(resume_from)
+        record.write()
+        try:
+            _train(configs, is_pack(params), record, resume_from, evaluator)
+        except Diverged as error:
+            # Not retried: the same config and seed would diverge again at the same iteration.
+            record.stop(Outcome(Status.DIVERGED, str(error), error.iteration))
+        except Exception as error:
+            reason = permanent_failure(error)
+            if reason is None:
+                raise  # Tune retries it from the last checkpoint, up to max_failures times
+            # Tune retries every exception a trial raises; ending the trial with this report is
+            # the only way to fail it at once.
+            record.stop(Outcome(Status.FAILED, reason))
+
+
+def _train(
+    configs: list[TrialConfig],
+    packed: bool,
+    record: TrialRecord,
+    resume_from: Path | None,
+    evaluator: Evaluator,
+) -> None:
+    def report(rows: list[dict[str, Any]], checkpoint_dir: Path) -> None:
+        for row, metrics in zip(record.rows, rows, strict=True):
+            record.note(row, metrics)
+        record.save(checkpoint_dir)
+        record.write()
+        result = {**mean_scalars(rows), **record.context}
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+    if not packed:
+        outcome = run_trial(
+            configs[0],
+            report=lambda metrics, where: report([metrics], where),
+            resume_from=resume_from,
+            evaluator=evaluator,
+            log=_quiet,
+        )
+        record.end([outcome])
+        return
+    outcomes = run_pack(
+        configs, report=report, resume_from=resume_from, evaluator=evaluator, log=_quiet
+    )
+    record.end(outcomes)
+    if all(outcome.diverged for outcome in outcomes):
+        last = max(outcome.diverged.iteration for outcome in outcomes if outcome.diverged)
+        record.stop(Outcome(Status.DIVERGED, "every member of the pack diverged", last))
+
+
+def mean_scalars(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What Tune (its progress, the scheduler, an Optuna searcher) sees of an evaluation: each
+    scalar, averaged over the pack's members that give it a finite value."""
+    training = [row for row in rows if "iteration" in row]
+    if not training:  # every member diverged: the pack's last report says so
+        return {}
+    result: dict[str, Any] = {"iteration": training[0]["iteration"]}
+    for name in training[0]:
+        finite = [row[name] for row in training if is_finite_number(row.get(name))]
+        if finite and name != "iteration":
+            result[name] = sum(finite) / len(finite)
+    return result
+
+
+def _divergence(error: Diverged) -> dict[str, Any]:
+    return {"diverged_at": error.iteration, "diverged_error": str(error)}
+
+
+def _readable(directory: Path) -> Path | None:
+    """The checkpoint folder, or None (start over) when its files cannot be read: a file cut
+    short by a crash would fail every retry the same way."""
     try:
-        if checkpoint is None:
-            train(None, evaluator)
-        else:
-            with checkpoint.as_directory() as directory:
-                train(Path(directory), evaluator)
-    except Diverged as error:
-        # Not retried: the same config and seed would diverge again at the same iteration.
-        tune.report({**context, **_divergence(error)})
-    except Exception as error:
-        reason = permanent_failure(error)
-        if reason is None:
-            raise  # Tune retries it from the last checkpoint, up to max_failures times
-        # Tune retries every exception a trial raises; ending the trial with this report is the
-        # only way to fail it at once. The recorder marks it failed, the searcher as FAIL.
-        tune.report({**context, "failed_error": reason})
+        json.loads((directory / RECORD_FILE).read_text())
+        with zipfile.ZipFile(directory / CHECKPOINT_FILE) as archive:
+            if archive.testzip() is None:
+                return directory
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass
+    print(f"gvae: checkpoint {directory} cannot be read; the trial starts over", flush=True)
+    return None
 
 
 def _context(device: torch.device, evaluator: Evaluator) -> dict[str, Any]:
-    """What every result of the trial carries besides its metrics."""
+    """What every row and result of the trial carries besides its metrics."""
     return {
         "device_used": str(device),
         "node": socket.gethostname(),
@@ -76,124 +215,6 @@ def _context(device: torch.device, evaluator: Evaluator) -> dict[str, Any]:
         # What mode_entropy counts on face data (joint attribute values); None for classes.
         "mode_attributes": " x ".join(evaluator.mode_attributes) or None,
     }
-
-
-Train = Callable[[Path | None, Evaluator], None]  # (checkpoint to resume from, evaluator)
-
-
-def _report(result: dict[str, Any], context: dict[str, Any], checkpoint_dir: Path) -> None:
-    (checkpoint_dir / RESULT_FILE).write_text(json.dumps(result, default=str))
-    tune.report({**result, **context}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
-
-
-def _lone_trainer(config: TrialConfig, context: dict[str, Any]) -> Train:
-    def report(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        _report(move_arrays_into_checkpoint(metrics, checkpoint_dir), context, checkpoint_dir)
-
-    def train(resume_from: Path | None, evaluator: Evaluator) -> None:
-        run_trial(config, report=report, resume_from=resume_from, evaluator=evaluator, log=_quiet)
-
-    return train
-
-
-def _pack_trainer(configs: list[TrialConfig], context: dict[str, Any]) -> Train:
-    """A pack reports its members' metrics as a list under MEMBERS, with their means (what
-    Tune's progress shows); a member that diverged reports that instead."""
-    reported = {"iteration": 0}
-
-    def report(rows: list[dict[str, Any]], checkpoint_dir: Path) -> None:
-        arrays = [{key: row[key] for key in ARRAY_KEYS if key in row} for row in rows]
-        if any(arrays):
-            (checkpoint_dir / ARRAYS_FILE).write_text(json.dumps({MEMBERS: arrays}))
-        scalars = [{k: v for k, v in row.items() if k not in ARRAY_KEYS} for row in rows]
-        reported["iteration"] = max(row.get("iteration", 0) for row in scalars)
-        _report(pack_result(scalars), context, checkpoint_dir)
-
-    def train(resume_from: Path | None, evaluator: Evaluator) -> None:
-        outcomes = run_pack(
-            configs, report=report, resume_from=resume_from, evaluator=evaluator, log=_quiet
-        )
-        if any(o.diverged and o.diverged.iteration > reported["iteration"] for o in outcomes):
-            # Members diverged after the last report, so the pack ended without telling.
-            rows = [_divergence(o.diverged) if o.diverged else {} for o in outcomes]
-            tune.report({**pack_result(rows), **context})
-
-    return train
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _divergence(error: Diverged) -> dict[str, Any]:
-    return {"diverged_at": error.iteration, "diverged_error": str(error)}
-
-
-MEMBERS = "members"  # a pack's result: one metrics dict per member ({} when it has no news)
-
-
-def pack_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A pack's result: its members' rows; the mean of each metric over the members that give
-    it a finite value (what Tune's progress and an Optuna searcher see, as the mean over seed
-    replicates); and a divergence once every member diverged."""
-    training = [row for row in rows if "iteration" in row]
-    result: dict[str, Any] = {MEMBERS: rows}
-    if training:
-        result["iteration"] = training[0]["iteration"]
-        for name in training[0]:
-            finite = [row[name] for row in training if _is_finite_number(row.get(name))]
-            if finite and name != "iteration":
-                result[name] = sum(finite) / len(finite)
-    elif all("diverged_at" in row for row in rows):
-        result["diverged_at"] = max(row["diverged_at"] for row in rows)
-        result["diverged_error"] = "every member of the pack diverged"
-    return result
-
-
-def _catch_up(checkpoint: tune.Checkpoint, context: dict[str, Any]) -> tune.Checkpoint:
-    """The checkpoint to resume from: the trial's newest, which a killed driver's last snapshot
-    (Tune's `checkpoint`) may predate by one evaluation. That evaluation is reported again, with
-    its checkpoint, so the tables and Tune's own record catch up (the recorder keeps one row per
-    iteration, so a repeat of one it saw replaces it)."""
-    newest = newest_checkpoint(checkpoint)
-    if newest.path == checkpoint.path:
-        return checkpoint
-    with tempfile.TemporaryDirectory(prefix="gvae-catch-up-") as directory:
-        newest.to_directory(directory)
-        saved = Path(directory) / RESULT_FILE
-        if not saved.exists():  # a checkpoint from before results were saved with them
-            return newest
-        result = json.loads(saved.read_text())
-        tune.report({**result, **context}, checkpoint=tune.Checkpoint.from_directory(directory))
-    return newest
-
-
-# Each checkpoint holds the scalars of the evaluation it was saved with, to report it again.
-RESULT_FILE = "result.json"
-
-# The final evaluation's per-image arrays (10,000 entropies, the sample grid) travel in the
-# checkpoint, not in the result: Tune keeps each trial's last result and its checkpoint's result in
-# every snapshot of its experiment state, which it writes after each trial checkpoint, so arrays in
-# results would make each snapshot, and the driver's time per event, grow with the study.
-ARRAY_KEYS = ("image_entropies", "sample_labels", "samples_png")
-ARRAYS_FILE = "final_arrays.json"
-
-
-def move_arrays_into_checkpoint(metrics: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
-    """The metrics without their arrays, which are written to the checkpoint's ARRAYS_FILE."""
-    arrays = {key: metrics[key] for key in ARRAY_KEYS if key in metrics}
-    if arrays:
-        (checkpoint_dir / ARRAYS_FILE).write_text(json.dumps(arrays))
-    return {key: value for key, value in metrics.items() if key not in arrays}
-
-
-def read_checkpoint_arrays(checkpoint: tune.Checkpoint) -> dict[str, Any]:
-    """The arrays a trial put in this checkpoint ({} when it holds none)."""
-    path = f"{checkpoint.path}/{ARRAYS_FILE}"
-    if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-        return {}
-    with checkpoint.filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.readall())
 
 
 # Messages of errors that the same trial on the same node hits again however often it runs.
@@ -241,4 +262,4 @@ def _cached_evaluator(state: dict[str, Any], device: torch.device) -> Evaluator:
 
 
 def _quiet(_line: str) -> None:
-    """Tune's progress table replaces the trainer's per-evaluation lines."""
+    """The study's console lines replace the trainer's per-evaluation lines."""

@@ -1,0 +1,65 @@
+"""How a trial ended: one `Status` and one `Outcome` record, written and read here alone.
+
+A trial (gvae.study.trainable) that ends without finishing, because it diverged or hit an error
+retrying cannot fix, reports its outcome once, with every objective as NaN: Tune's metric check
+passes, ASHA skips the value, and Optuna records a NaN objective as a FAIL trial, so no wrapper
+of the searcher or the scheduler is needed and no value is made up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+from gvae.study.spec import METRICS
+
+OUTCOME_KEY = "outcome"  # the result key of a trial's last report when it did not finish
+
+
+class Status(str, Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"  # after its retries, or at once for an error retrying cannot fix
+    DIVERGED = "diverged"  # a loss turned NaN or infinite
+    STOPPED = "stopped"  # ended early by the scheduler
+
+    @property
+    def ended(self) -> bool:
+        return self is not Status.RUNNING
+
+
+ENDED = tuple(status.value for status in Status if status.ended)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    error: str | None = None
+    diverged_at: int | None = None
+
+    def result(self) -> dict[str, Any]:
+        """What the trial reports to Tune: the outcome and every objective as NaN."""
+        record = {**asdict(self), "status": self.status.value}
+        return {OUTCOME_KEY: record, **dict.fromkeys(METRICS, math.nan)}
+
+    @classmethod
+    def of_result(cls, result: dict[str, Any] | None, iterations: int) -> Outcome:
+        """How a trial ended, from its last result: the outcome it reported, else finished when
+        it reached its iterations, else stopped by the scheduler."""
+        record = (result or {}).get(OUTCOME_KEY)
+        if record:
+            return cls(Status(record["status"]), record.get("error"), record.get("diverged_at"))
+        done = (result or {}).get("iteration") == iterations
+        return cls(Status.FINISHED if done else Status.STOPPED)
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def error_line(error: Any) -> str:
+    """The exception and its message: the last non-empty line of a traceback."""
+    lines = [line for line in str(error or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "error"

@@ -1,0 +1,282 @@
+"""The study's two tables: their columns, the rows of one trial, and what the driver adds.
+
+One record of each trial: the trial writes its own rows (gvae.study.trainable) at each report,
+built from what its checkpoint holds, into its fragment of each table (gvae.study.results): its
+row of `trials.parquet` and its curve in `curves.parquet`. A trial resumed from an older
+checkpoint rewrites the same rows, so the tables follow the checkpoint Tune resumes from and never
+disagree with Tune's state. The driver (`StudyTables`, a Tune callback) writes only what no trial
+can: a failure after the last retry, a stop by the scheduler, the retries of a trial, and at the
+start of a resumed run what Tune's saved state says of trials whose rows a killed driver left
+behind. When every trial has ended, it compacts each table into one file.
+
+The columns are declared here, so every fragment, written by whichever process, has the same
+schema, and `pandas.read_parquet` of a table's folder sees every column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from ray.tune import Callback
+
+from gvae.config import TrialConfig
+from gvae.study.outcome import ENDED, Outcome, Status, error_line, is_finite_number
+from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
+from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
+from gvae.study.spec import EVALUATION_METRICS, StudySpec
+
+SUGGESTION = "suggestion"  # the config key (and column) naming a seed replicate's suggestion
+# The losses each model reports (its train_step's keys), the mean of each per evaluation.
+MODEL_LOSSES = {
+    "gan": ("d_loss", "g_loss"),
+    "wgan": ("critic_loss", "g_loss"),
+    "vae": ("recon_loss", "kl_loss"),
+    "vaegan": ("d_loss", "recon_loss", "kl_loss", "gan_loss"),
+    "cvaegan": ("d_loss", "recon_loss", "kl_loss", "gan_loss"),
+}
+# Curve scalars with a `final_<name>` column in the trials table.
+SUMMARY_METRICS = ("mode_entropy", "mean_image_entropy", *EVALUATION_METRICS, "constraint_active")
+CONTEXT_COLUMNS = {
+    "device_used": pa.string(),
+    "node": pa.string(),
+    "node_id": pa.string(),  # tells apart nodes on one host
+    "threads": pa.int64(),
+    "evaluator_accuracy": pa.float64(),
+    "real_mode_entropy": pa.float64(),
+    "real_mean_image_entropy": pa.float64(),
+    "real_modes_covered": pa.float64(),
+    "real_kl_to_uniform": pa.float64(),
+    "real_classifier_score": pa.float64(),
+    "mode_attributes": pa.string(),  # what mode_entropy counts on faces; None for classes
+}
+PROVENANCE = ("gvae_version", "torch_version", "ray_version", "optuna_version", "python_version")
+ARRAYS = {  # the last evaluation's per-image arrays, as `final_<name>`
+    "image_entropies": pa.list_(pa.float64()),
+    "sample_labels": pa.list_(pa.int64()),
+    "samples_png": pa.string(),
+}
+HISTOGRAM = pa.list_(pa.float64())
+
+
+def _config_columns() -> list[tuple[str, pa.DataType]]:
+    types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+    return [
+        (field.name, types[str(field.type).split(" ")[0]])
+        for field in dataclasses.fields(TrialConfig)
+    ]
+
+
+def study_losses(models: tuple[str, ...] | list[str]) -> list[str]:
+    return list(dict.fromkeys(loss for model in models for loss in MODEL_LOSSES[model]))
+
+
+def trials_schema(spec: StudySpec) -> pa.Schema:
+    losses = study_losses(spec.models)
+    columns = [
+        ("study", pa.string()),
+        ("trial_id", pa.string()),
+        *_config_columns(),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("diverged_at", pa.int64()),
+        ("retries", pa.int64()),
+        ("iterations_done", pa.int64()),
+        ("wall_seconds", pa.float64()),
+        ("started_at", pa.float64()),
+        (SUGGESTION, pa.string()),
+        *CONTEXT_COLUMNS.items(),
+        *[(f"final_{name}", pa.float64()) for name in SUMMARY_METRICS],
+        ("best_mode_entropy", pa.float64()),
+        ("best_mean_image_entropy", pa.float64()),
+        ("final_class_histogram", HISTOGRAM),
+        *[(f"final_{loss}", pa.float64()) for loss in losses],
+        *[(f"final_{name}", kind) for name, kind in ARRAYS.items()],
+        *[(name, pa.string()) for name in (*PROVENANCE, "git_commit")],
+    ]
+    if spec.pack > 1:
+        columns += [(PACK, pa.string()), (PACK_SEEDS, pa.list_(pa.int64()))]
+    return pa.schema(columns)
+
+
+def curves_schema(spec: StudySpec) -> pa.Schema:
+    scalars = ("mode_entropy", "mean_image_entropy")
+    timing = ("iterations_per_second", "eval_seconds")
+    return pa.schema(
+        [
+            ("study", pa.string()),
+            ("trial_id", pa.string()),
+            ("model", pa.string()),
+            ("iteration", pa.int64()),
+            *[(name, pa.float64()) for name in scalars],
+            ("class_histogram", HISTOGRAM),
+            *[(name, pa.float64()) for name in (*SUMMARY_METRICS[2:], *timing)],
+            *[(loss, pa.float64()) for loss in study_losses(spec.models)],
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Where a study's tables are and what their columns are; handed to every trial."""
+
+    uri: str
+    study: str
+    provenance: dict[str, Any]
+    trials: pa.Schema
+    curves: pa.Schema
+
+    @classmethod
+    def of(cls, spec: StudySpec, uri: str, provenance: dict[str, Any]) -> Tables:
+        return cls(uri, spec.name, provenance, trials_schema(spec), curves_schema(spec))
+
+    def store(self) -> ResultsStore:
+        return ResultsStore(self.uri)
+
+
+@dataclass
+class MemberRows:
+    """The rows of one trial, or of one member of a pack, as its checkpoint has them."""
+
+    row_id: str
+    fields: dict[str, Any]  # the resolved config, its suggestion and pack
+    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    status: Status = Status.RUNNING
+    error: str | None = None
+    diverged_at: int | None = None
+    arrays: dict[str, Any] = dataclasses.field(default_factory=dict)  # of the last evaluation
+
+    def trial_row(self, tables: Tables, context: dict[str, Any], timing: dict[str, float]) -> dict:
+        row = {"study": tables.study, "trial_id": self.row_id, **self.fields}
+        done = self.curve[-1]["iteration"] if self.curve else 0
+        if self.diverged_at is not None:
+            done = self.diverged_at - 1
+        row.update(status=self.status.value, error=self.error, diverged_at=self.diverged_at)
+        row.update(retries=0, iterations_done=done, **timing, **context, **tables.provenance)
+        row.update({f"final_{name}": value for name, value in self.arrays.items()})
+        if self.curve:
+            last = self.curve[-1]
+            row.update({f"final_{name}": last.get(name) for name in SUMMARY_METRICS})
+            row["final_class_histogram"] = last["class_histogram"]
+            row["best_mode_entropy"] = max(point["mode_entropy"] for point in self.curve)
+            row["best_mean_image_entropy"] = min(p["mean_image_entropy"] for p in self.curve)
+            losses = {k: v for k, v in last.items() if k.endswith("_loss")}
+            row.update({f"final_{k}": v for k, v in losses.items() if is_finite_number(v)})
+        return row
+
+    def curve_rows(self, tables: Tables) -> list[dict[str, Any]]:
+        head = {"study": tables.study, "trial_id": self.row_id, "model": self.fields["model"]}
+        return [{**head, **point} for point in self.curve]
+
+    def write(self, tables: Tables, store: ResultsStore, context: dict, timing: dict) -> None:
+        """Replace this trial's rows in both tables (the curve first: a reader of the trials
+        table never sees an evaluation the curves lack)."""
+        write_fragment(store, CURVES, tables.curves, self.row_id, self.curve_rows(tables))
+        row = self.trial_row(tables, context, timing)
+        write_fragment(store, TRIALS, tables.trials, self.row_id, [row])
+
+
+def write_fragment(
+    store: ResultsStore, table: str, schema: pa.Schema, row_id: str, rows: list[dict]
+) -> None:
+    """One trial's fragment of `table`, replaced whole (no rows: removed)."""
+    FragmentedTable(store, table, schema).write_trial(row_id, rows)
+
+
+def member_rows(trial_id: str, params: dict[str, Any]) -> list[MemberRows]:
+    """A Tune trial's rows: its own, or one per member of a pack, with their fields."""
+    pack: dict[str, Any] = {}
+    if is_pack(params):
+        pack = {PACK: trial_id, PACK_SEEDS: seeds_of(params)}
+        if params.get(SUGGESTION) == PACKED_SUGGESTION:  # the replicates of one suggestion
+            pack[SUGGESTION] = trial_id
+    rows = []
+    for row_id, fields in members(trial_id, params):
+        fields = {**fields, **pack}
+        extra = {key: fields.pop(key) for key in (SUGGESTION, PACK, PACK_SEEDS) if key in fields}
+        config = TrialConfig.from_dict(fields).resolved().to_dict()
+        rows.append(MemberRows(row_id, {**config, SUGGESTION: None, **extra}))
+    return rows
+
+
+class StudyTables(Callback):
+    """The driver's part of the tables (see the module docstring)."""
+
+    def __init__(self, tables: Tables, total: int) -> None:
+        self.tables = tables
+        self.total = total  # Tune trials the study runs in all
+        self.store = tables.store()
+        self.reconciled = False
+
+    def prepare(self) -> None:
+        """Before any trial starts: finish an interrupted compaction, and turn a compacted table
+        back into a folder of fragments that trials can write."""
+        for name, schema in ((TRIALS, self.tables.trials), (CURVES, self.tables.curves)):
+            FragmentedTable(self.store, name, schema).open_for_writing()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.reconciled:
+            self.reconciled = True
+            self._reconcile(trials)
+
+    def _reconcile(self, trials: list) -> None:
+        """Make the rows agree with Tune's restored state: drop rows of trials Tune does not know
+        (started after its last snapshot: the searcher suggests them again under new ids) and
+        mark trials Tune saw end after the trial's own last write."""
+        known = {
+            m.row_id: trial for trial in trials for m in member_rows(trial.trial_id, trial.config)
+        }
+        table = FragmentedTable(self.store, TRIALS, self.tables.trials)
+        for row_id in table.trial_ids():
+            if row_id not in known:
+                table.write_trial(row_id, [])
+                FragmentedTable(self.store, CURVES, self.tables.curves).write_trial(row_id, [])
+        for trial in trials:
+            if trial.status == "ERROR":
+                self.on_trial_error(iteration=0, trials=trials, trial=trial)
+            elif trial.status == "TERMINATED":
+                self.on_trial_complete(iteration=0, trials=trials, trial=trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        iterations = trial.config["iterations"]
+        stopped = Outcome.of_result(trial.last_result, iterations).status is Status.STOPPED
+        if stopped or trial.num_failures:  # else the trial's own last write says it all
+            mark = {"status": Status.STOPPED.value} if stopped else {}
+            self._amend(trial, lambda row: row.update(mark))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = error_line(trial.get_error())
+        self._amend(trial, lambda row: row.update(status=Status.FAILED.value, error=error))
+
+    def _amend(self, trial: Any, change: Any) -> None:
+        """Apply `change` to each row of the trial that is still marked running, and record its
+        retries; rows that need neither are left as the trial wrote them."""
+        table = FragmentedTable(self.store, TRIALS, self.tables.trials)
+        for member in member_rows(trial.trial_id, trial.config):
+            stored = table.read_trial(member.row_id)
+            row = stored[0] if stored else member.trial_row(self.tables, {}, _timing(trial))
+            before = dict(row)
+            if row["status"] not in ENDED:
+                change(row)
+            row["retries"] = trial.num_failures
+            if row != before:
+                table.write_trial(member.row_id, [row])
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Compact once the study is complete: every trial it will run has ended."""
+        ended = all(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        if ended and len(trials) >= self.total:
+            compact(self.store, self.tables)
+
+
+def _timing(trial: Any) -> dict[str, float]:
+    seconds = (trial.last_result or {}).get("time_total_s")
+    return {"wall_seconds": seconds, "started_at": time.time()}
+
+
+def compact(store: ResultsStore, tables: Tables) -> None:
+    FragmentedTable(store, TRIALS, tables.trials).compact()
+    FragmentedTable(store, CURVES, tables.curves).compact()
