@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from analysis.fidelity import FIDELITY_METRICS
 from analysis.tables import (
     LOW_ENTROPY_THRESHOLD,
     finished,
@@ -36,6 +37,8 @@ MODEL_COLORS = {
     "cvaegan": "tab:purple",
 }
 GRID_ROWS = 10  # the trainer's sample grid is 10 x 10
+# The curves `mean_curves` draws, in this order, each with the direction that is better.
+CURVE_METRICS = {"mode_entropy": "max", "mean_image_entropy": "min", **FIDELITY_METRICS}
 
 
 def _color(model: str) -> str:
@@ -70,10 +73,35 @@ def mode_entropy_curves(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure:
     return figure
 
 
+def mean_curves(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure:
+    """Every recorded metric against iteration, a panel each, with one line per model: its mean
+    over the finished trials, so that the models compare at a glance."""
+    done = curves[curves["trial_id"].isin(finished(trials)["trial_id"])]
+    metrics = [m for m in CURVE_METRICS if m in done and done[m].notna().any()]
+    columns = min(len(metrics), 4) or 1
+    rows = math.ceil(len(metrics) / columns) or 1
+    figure = Figure(figsize=(3.4 * columns, 2.7 * rows + 0.6), layout="constrained")
+    models = model_order(done["model"])
+    for index, metric in enumerate(metrics):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for model in models:
+            mean = done[done["model"] == model].groupby("iteration")[metric].mean().dropna()
+            axes.plot(mean.index, mean.values, "o-", ms=3, color=_color(model), label=model)
+        better = "higher" if CURVE_METRICS[metric] == "max" else "lower"
+        axes.set_title(f"{metric} ({better} is better)", fontsize="medium")
+        axes.set_xlabel("iteration")
+    if metrics:
+        handles, labels = figure.axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="outside lower center", ncols=max(len(models), 1))
+    figure.suptitle("Each model's mean over its finished trials, by iteration")
+    return figure
+
+
 def image_entropy_histograms(trials: pd.DataFrame) -> Figure:
     """Fig. 5: per model, the histogram of per-image entropies at the last evaluation."""
     models = model_order(finished(trials)["model"])
-    figure = Figure(figsize=(3.2 * max(len(models), 1), 3.2), layout="constrained")
+    # At least 6.5 inches wide: the title is cut off above one narrow panel.
+    figure = Figure(figsize=(max(3.2 * len(models), 6.5), 3.2), layout="constrained")
     bins = np.linspace(0, max_entropy(trials), 24)
     for index, model in enumerate(models):
         axes = figure.add_subplot(1, len(models), index + 1)
@@ -130,7 +158,7 @@ def representative_trials(trials: pd.DataFrame) -> pd.DataFrame:
 def sample_grids(trials: pd.DataFrame) -> Figure:
     """Figs. 2, 4 and 7: each model's last sample grid, every row labelled by the classifier."""
     chosen = representative_trials(trials)
-    figure = Figure(figsize=(3.6 * max(len(chosen), 1), 4.0), layout="constrained")
+    figure = Figure(figsize=(max(3.6 * len(chosen), 6.5), 4.0), layout="constrained")
     for index, (_, trial) in enumerate(chosen.iterrows()):
         axes = figure.add_subplot(1, len(chosen), index + 1)
         image = decode_grid(trial["final_samples_png"])

@@ -1,15 +1,17 @@
-"""Assemble a study's report folder: `report.md` with PNG figures and CSV tables beside it."""
+"""Assemble a study's report folder: `report.md` with PNG figures and CSV tables beside it, and
+`report.html`, the same report as one self-contained page."""
 
 from __future__ import annotations
 
-import math
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import constraint, fidelity, figures, suggestions, tables
+from analysis import constraint, document, fidelity, figures, suggestions, tables
+from analysis.document import Block, Image, Table, number
 from analysis.load import Study
 from gvae.study.spec import Range
 
@@ -27,13 +29,17 @@ class Report:
     def markdown(self) -> Path:
         return self.folder / "report.md"
 
+    @property
+    def html(self) -> Path:
+        return self.folder / "report.html"
+
 
 def write_report(study: Study, folder: Path) -> Report:
     """Write the report of `study` into `folder` (created), replacing files of the same names."""
     folder.mkdir(parents=True, exist_ok=True)
     report = Report(folder)
     trials = study.trials
-    lines = _header(study)
+    lines: list[Block] = _header(study)
 
     lines += ["## Table 1: mode entropy and mean image entropy", ""]
     table1 = tables.table1(trials)
@@ -55,14 +61,16 @@ def write_report(study: Study, folder: Path) -> Report:
     _csv(report, "trials.csv", tables.trial_summary(trials))
     lines += ["All trials, without their arrays: [trials.csv](trials.csv).", ""]
 
-    report.markdown.write_text("\n".join(lines))
-    report.files.insert(0, report.markdown)
+    report.markdown.write_text(document.markdown(lines))
+    report.html.write_text(document.html_page(lines, f"Study {study.name}"))
+    report.files[:0] = [report.markdown, report.html]
     return report
 
 
-def _figures(report: Report, study: Study) -> list[str]:
-    """Figs. 3, 5, 8 and the sample grids (2, 4, 7), from the finished trials (of the first
-    dataset, in a study over several: entropies on 10 and on 1,000 modes do not share an axis)."""
+def _figures(report: Report, study: Study) -> list[Block]:
+    """Figs. 3, 5, 8, the models' mean curves and the sample grids (2, 4, 7), from the finished
+    trials (of the first dataset, in a study over several: entropies on 10 and on 1,000 modes do
+    not share an axis)."""
     trials, lines = study.trials, []
     if len(study.spec.datasets) > 1:
         shown = study.spec.datasets[0]
@@ -74,6 +82,8 @@ def _figures(report: Report, study: Study) -> list[str]:
         ]
     curves = figures.mode_entropy_curves(study.curves, trials)
     lines += _figure(report, "mode_entropy_curves.png", curves, "Fig. 3: mode entropy by iteration")
+    means = figures.mean_curves(study.curves, trials)
+    lines += _figure(report, "mean_curves.png", means, "Every metric by iteration, model means")
 
     lines += ["## Per-image entropy (Figs. 5 and 8)", ""]
     entropy_table = tables.image_entropy_table(trials)
@@ -83,7 +93,7 @@ def _figures(report: Report, study: Study) -> list[str]:
         f"{tables.LOW_ENTROPY_THRESHOLD:g} nats (it is sure which digit it sees); ln 10 = 2.303 is "
         "total doubt. Pooled over the finished trials' last evaluation.",
         "",
-        *_markdown_table(entropy_table, digits=3),
+        Table(entropy_table, digits=3),
         "",
     ]
     histograms = figures.image_entropy_histograms(trials)
@@ -106,7 +116,7 @@ def _figures(report: Report, study: Study) -> list[str]:
     return lines + _figure(report, "samples.png", figures.sample_grids(trials), "Sample grids")
 
 
-def _header(study: Study) -> list[str]:
+def _header(study: Study) -> list[Block]:
     spec = study.spec
     counts = tables.status_counts(study.trials)
     search = spec.search_type
@@ -128,14 +138,14 @@ def _header(study: Study) -> list[str]:
     return lines
 
 
-def _table1_text(table: pd.DataFrame) -> list[str]:
+def _table1_text(table: pd.DataFrame) -> list[Block]:
     shown = pd.DataFrame(
         {
             "model": table["model"],
             "setting": table["setting"],
             "seeds": table["n_seeds"].map(lambda n: "" if pd.isna(n) else str(int(n))),
             "mode entropy": _with_ci(table, "mode_entropy"),
-            "paper": table["paper_mode_entropy"].map(_number),
+            "paper": table["paper_mode_entropy"].map(number),
             "mean image entropy": _with_ci(table, "mean_image_entropy"),
         }
     )
@@ -150,7 +160,7 @@ def _table1_text(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def _table2_section(report: Report, trials: pd.DataFrame) -> list[str]:
+def _table2_section(report: Report, trials: pd.DataFrame) -> list[Block]:
     table = fidelity.table2(trials)
     _csv(report, "table2.csv", table)
     shown = pd.DataFrame({"model": table["model"], "setting": table["setting"]})
@@ -174,7 +184,7 @@ def _table2_section(report: Report, trials: pd.DataFrame) -> list[str]:
     ]
 
 
-def _stacked_mnist_section(report: Report, trials: pd.DataFrame) -> list[str]:
+def _stacked_mnist_section(report: Report, trials: pd.DataFrame) -> list[Block]:
     table = fidelity.stacked_mnist_table(trials)
     _csv(report, "stacked_mnist.csv", table)
     shown = pd.DataFrame(
@@ -198,14 +208,14 @@ def _stacked_mnist_section(report: Report, trials: pd.DataFrame) -> list[str]:
     ]
 
 
-def _constraint_section(report: Report, trials: pd.DataFrame) -> list[str]:
+def _constraint_section(report: Report, trials: pd.DataFrame) -> list[Block]:
     effect = constraint.constraint_effect(trials)
     if effect.empty:
         return []
     _csv(report, "constraint_effect.csv", effect)
     shown = effect[["setting", "metric", "vaegan", "cvaegan", "difference"]].copy()
     shown["95% Welch interval"] = [
-        "" if pd.isna(low) else f"{_number(low)} to {_number(high)}"
+        "" if pd.isna(low) else f"{number(low)} to {number(high)}"
         for low, high in zip(effect["ci95_low"], effect["ci95_high"], strict=True)
     ]
     shown["seeds"] = effect["seeds"]
@@ -223,7 +233,7 @@ def _constraint_section(report: Report, trials: pd.DataFrame) -> list[str]:
         "",
         *constraint.hinge_activity(trials),
         "",
-        *_markdown_table(shown),
+        Table(shown),
         "",
         "The paper's Fig. 8 claim, *a higher concentration of low-entropy images*:",
         "",
@@ -239,18 +249,12 @@ def _with_ci(table: pd.DataFrame, metric: str, digits: int = 3) -> pd.Series:
         mean, half = row[f"{metric}_mean"], row.get(f"{metric}_ci95")
         if pd.isna(mean):
             return ""
-        return _number(mean, digits) + ("" if pd.isna(half) else f" ± {_number(half, digits)}")
+        return number(mean, digits) + ("" if pd.isna(half) else f" ± {number(half, digits)}")
 
     return table.apply(text, axis=1)
 
 
-def _number(value: float, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value + 0.0:.{digits}f}"  # + 0.0 turns -0.0 into 0.0
-
-
-def _optuna_section(report: Report, study: Study) -> list[str]:
+def _optuna_section(report: Report, study: Study) -> list[Block]:
     """Optuna's view of the study: each suggestion is the mean of its seed replicates."""
     objectives = tables.objective_columns(study.spec.objectives)
     searched = [key for key in study.spec.space if key in study.trials]
@@ -265,7 +269,7 @@ def _optuna_section(report: Report, study: Study) -> list[str]:
         f"{title} of the suggestions ({wanted}), each the mean over its seeds ± the 95% "
         f"t-interval (replicates: {study.spec.replicates}; an interval needs two seeds):",
         "",
-        *_markdown_table(_with_intervals(best, objectives), digits=4),
+        Table(_with_intervals(best, objectives), digits=4),
         "",
         "Data: [best_suggestions.csv](best_suggestions.csv).",
         "",
@@ -295,7 +299,7 @@ def _with_intervals(best: pd.DataFrame, objectives: dict[str, str]) -> pd.DataFr
 
 def _search_progress(
     report: Report, study: Study, means: pd.DataFrame, objectives: dict[str, str]
-) -> list[str]:
+) -> list[Block]:
     """The best value against the number of suggestions, and the parameters' importances."""
     best = suggestions.best_so_far(means, objectives)
     _csv(report, "best_so_far.csv", best)
@@ -310,7 +314,7 @@ def _search_progress(
         "Parameter importances (Optuna's default evaluator, over the suggestion means; each "
         "column sums to 1):",
         "",
-        *_markdown_table(table),
+        Table(table),
         "",
     ]
 
@@ -330,7 +334,7 @@ def _is_log(study: Study, key: str | None) -> bool:
     return isinstance(value, Range) and value.log
 
 
-def _failures_section(report: Report, trials: pd.DataFrame) -> list[str]:
+def _failures_section(report: Report, trials: pd.DataFrame) -> list[Block]:
     failed = tables.failures(trials)
     _csv(report, "failures.csv", failed)
     lines = ["## Trials that did not finish", ""]
@@ -344,7 +348,7 @@ def _failures_section(report: Report, trials: pd.DataFrame) -> list[str]:
         "(retries exhausted); *stopped*: ended early by the scheduler; *running*: the study was "
         "interrupted (`gvae study resume` continues it).",
         "",
-        *_markdown_table(failed),
+        Table(failed),
         "",
         "Data: [failures.csv](failures.csv).",
         "",
@@ -352,11 +356,14 @@ def _failures_section(report: Report, trials: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _figure(report: Report, name: str, figure: Figure, caption: str) -> list[str]:
+def _figure(report: Report, name: str, figure: Figure, caption: str) -> list[Block]:
+    """Save `figure` as `name` in the report folder; the same PNG bytes go into report.html."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     path = report.folder / name
-    figure.savefig(path, dpi=110)
+    path.write_bytes(buffer.getvalue())
     report.files.append(path)
-    return [f"![{caption}]({name})", "", f"*{caption}.*", ""]
+    return [Image(name, caption, buffer.getvalue()), ""]
 
 
 def _csv(report: Report, name: str, table: pd.DataFrame) -> None:
@@ -372,27 +379,6 @@ def _without_empty_setting(shown: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def _table_lines(shown: pd.DataFrame, csv_name: str) -> list[str]:
+def _table_lines(shown: pd.DataFrame, csv_name: str) -> list[Block]:
     """A Markdown table and the link to the CSV file holding its data."""
-    return [*_markdown_table(shown), "", f"Data: [{csv_name}]({csv_name}).", ""]
-
-
-def _markdown_table(table: pd.DataFrame, digits: int = 3) -> list[str]:
-    """A GitHub-flavoured Markdown table (pandas' to_markdown needs the tabulate package)."""
-    header = "| " + " | ".join(str(column) for column in table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = [
-        "| " + " | ".join(_cell(value, digits) for value in row) + " |"
-        for row in table.itertuples(index=False)
-    ]
-    return [header, rule, *body]
-
-
-def _cell(value: object, digits: int) -> str:
-    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
-        return ""
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-            return f"{value:.{digits}g}"
-        return _number(value, digits)
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return [Table(shown), "", f"Data: [{csv_name}]({csv_name}).", ""]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import constraint, fidelity, load_study, tables
+from analysis import constraint, document, fidelity, load_study, tables
 from gvae.cli import main
 from tests import tiny_studies
 
@@ -198,6 +198,50 @@ def test_stacked_mnist_table_sets_published_numbers_beside_ours():
     assert table.loc["DCGAN", "source"] == fidelity.PUBLISHED
 
 
+def test_markdown_and_html_of_the_same_blocks():
+    table = pd.DataFrame({"model": ["vae", "a|b"], "mode entropy": [2.2661, float("nan")]})
+    blocks = [
+        "# Study `x<y`",
+        "",
+        "A *made-up* **study**, 1 < 2: [table1.csv](table1.csv) and `a*b*c`.",
+        "",
+        "- one",
+        "- two",
+        "",
+        document.Table(table),
+        "",
+        document.Image("fig.png", "Fig. 1: <none>", b"\x89PNG"),
+    ]
+    assert document.markdown(blocks).splitlines() == [
+        "# Study `x<y`",
+        "",
+        "A *made-up* **study**, 1 < 2: [table1.csv](table1.csv) and `a*b*c`.",
+        "",
+        "- one",
+        "- two",
+        "",
+        "| model | mode entropy |",
+        "|---|---|",
+        "| vae | 2.266 |",
+        "| a\\|b |  |",
+        "",
+        "![Fig. 1: <none>](fig.png)",
+        "",
+        "*Fig. 1: <none>.*",
+    ]
+    page = document.html_page(blocks, "Study x")
+    assert "<h1>Study <code>x&lt;y</code></h1>" in page
+    assert (
+        "<p>A <em>made-up</em> <strong>study</strong>, 1 &lt; 2: "
+        '<a href="table1.csv">table1.csv</a> and <code>a*b*c</code>.</p>'
+    ) in page
+    assert "<ul><li>one</li><li>two</li></ul>" in page
+    assert "<td>2.266</td>" in page and "<td>a|b</td>" in page and "<td></td>" in page
+    # base64 of the four bytes 89 50 4E 47 is iVBORw==
+    assert '<img src="data:image/png;base64,iVBORw==" alt="Fig. 1: &lt;none&gt;"' in page
+    assert "<figcaption>Fig. 1: &lt;none&gt;.</figcaption>" in page
+
+
 # --- real studies -----------------------------------------------------------------------------
 
 
@@ -216,6 +260,7 @@ def assert_files(out: Path, names: list[str]) -> None:
 
 GRID_FILES = [
     "report.md",
+    "report.html",
     "table1.csv",
     "table2.csv",
     "constraint_effect.csv",
@@ -223,6 +268,7 @@ GRID_FILES = [
     "trials.csv",
     "failures.csv",
     "mode_entropy_curves.png",
+    "mean_curves.png",
     "image_entropy_histograms.png",
     "vaegan_vs_cvaegan_entropy.png",
     "samples.png",
@@ -318,3 +364,220 @@ def test_report_of_an_unknown_study_is_one_line(tmp_path, capsys):
     assert main(["report", "nope", "--storage", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("gvae: error: name: no study named 'nope'") and error.count("\n") == 1
+
+
+# --- report.html, from tables written by hand, opened in a real browser -------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+HAND_MADE_STUDY = """
+name: {name}
+dataset: mnist5k
+models: {models}
+iterations: 40
+eval_every: 20
+search: {search}
+"""
+OPTUNA_SEARCH = (
+    "{optuna: {trials: 3, replicates: 2, objectives: {mode_entropy: max, mean_image_entropy: min},"
+    " space: {lam: {low: 0.1, high: 10.0, log: true}, d: {low: 0.0, high: 1.0}}}}"
+)
+FIDELITY_VALUES = {
+    "modes_covered": 9.0,
+    "kl_to_uniform": 0.1,
+    "classifier_score": 8.0,
+    "precision": 0.7,
+    "recall": 0.6,
+    "density": 0.9,
+    "coverage": 0.8,
+    "frechet_distance": 12.0,
+}
+
+
+def sample_grid_png(seed: int) -> str:
+    """A 10 x 10 grid of 28 x 28 grey images as base64 PNG, as the trainer records it."""
+    import base64
+    import io
+
+    import matplotlib.image
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).random((280, 280))
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, pixels, cmap="gray", format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_hand_made_study(storage: Path, name: str, models: list[str], search: str) -> None:
+    """A study folder as the driver leaves it (study.yaml, trials and curves tables), with
+    made-up numbers: every section of the report, without training anything."""
+    folder = storage / name
+    folder.mkdir(parents=True)
+    (folder / "study.yaml").write_text(
+        HAND_MADE_STUDY.format(name=name, models=f"[{', '.join(models)}]", search=search)
+    )
+    trials, curves = [], []
+    for index, (model, seed) in enumerate((m, s) for m in models for s in (0, 1, 2, 3)):
+        trial_id = f"{name}_{index:05d}"
+        spread = 0.1 * seed + 0.05 * index  # seeds differ, so every interval has a width
+        row = {
+            "study": name,
+            "trial_id": trial_id,
+            "model": model,
+            "dataset": "mnist5k",
+            "seed": seed,
+            "iterations": 40,
+            "iterations_done": 40,
+            "started_at": 1000.0 + index,
+            "final_mode_entropy": 1.5 + spread,
+            "final_mean_image_entropy": 0.5 - spread / 4,
+            "final_image_entropies": [0.1 + spread, 0.4, 0.9, 1.6],
+            "final_class_histogram": [30] * 10,
+            "final_sample_labels": [digit % 10 for digit in range(100)],
+            "final_samples_png": sample_grid_png(index),
+            "real_modes_covered": 10,
+            "real_kl_to_uniform": 0.01,
+            "real_classifier_score": 9.5,
+        }
+        row |= {f"final_{metric}": value + spread for metric, value in FIDELITY_VALUES.items()}
+        if model == "cvaegan":
+            row["final_constraint_active"] = 0.5
+        if search.startswith("{optuna"):  # two seeds per suggestion, each its own λ and d
+            row |= {"suggestion": f"{name}_s{index // 2}", "seed": index % 2}
+            row |= {"lam": 0.5 + index // 2, "d": 0.1 * (index // 2)}
+        trials.append(row)
+        for iteration in (20, 40):
+            curve = {"study": name, "trial_id": trial_id, "model": model, "iteration": iteration}
+            curve |= {
+                "mode_entropy": row["final_mode_entropy"] * iteration / 40,
+                "mean_image_entropy": row["final_mean_image_entropy"] * 40 / iteration,
+            }
+            curve |= {metric: row[f"final_{metric}"] for metric in FIDELITY_VALUES}
+            curves.append(curve)
+    trials_frame(trials).to_parquet(folder / "trials.parquet")
+    pd.DataFrame(curves).to_parquet(folder / "curves.parquet")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG file's IHDR chunk (bytes 16-24, big-endian)."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def markdown_tables(markdown: str) -> list[tuple[list[str], int]]:
+    """Each Markdown table's header cells and number of body rows."""
+    tables, lines = [], markdown.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("|---"):
+            header = [cell.strip() for cell in lines[index - 1].strip("|").split(" | ")]
+            body = 0
+            while index + 1 + body < len(lines) and lines[index + 1 + body].startswith("|"):
+                body += 1
+            tables.append((header, body))
+    return tables
+
+
+# What the page shows once Chromium has loaded it: each image's state and each table's cells.
+PAGE_SCRIPT = """
+return {
+  ready: document.readyState,
+  images: Array.from(document.images).map(image => ({
+    file: image.dataset.file, complete: image.complete, src: image.getAttribute("src"),
+    width: image.naturalWidth, height: image.naturalHeight})),
+  tables: Array.from(document.querySelectorAll("table")).map(table => ({
+    header: Array.from(table.querySelectorAll("th")).map(cell => cell.textContent),
+    rows: table.querySelectorAll("tbody tr").length,
+    text: table.textContent})),
+  headings: Array.from(document.querySelectorAll("h1, h2")).map(h => h.textContent),
+  external: Array.from(document.querySelectorAll("[src]")).map(e => e.getAttribute("src"))
+    .filter(src => !src.startsWith("data:")),
+  resources: performance.getEntriesByType("resource").map(entry => entry.name),
+};
+"""
+
+
+def open_in_chromium(page: Path, profile: Path) -> dict:
+    """`page` loaded in headless Chromium through chromedriver; PAGE_SCRIPT's answer."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip(
+            "needs Chromium and its driver at /usr/bin/chromium and /usr/bin/chromedriver "
+            "(apt-get install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    # A driver path given to Service: selenium runs it and never looks for (or downloads) one.
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(page.as_uri())
+        return driver.execute_script(PAGE_SCRIPT)
+    finally:
+        driver.quit()
+
+
+@pytest.mark.parametrize(
+    ("models", "search", "figures"),
+    [
+        (
+            ["gan", "vae", "vaegan", "cvaegan"],
+            "{grid: {seed: [0, 1, 2, 3]}}",
+            ["mode_entropy_curves.png", "mean_curves.png", "vaegan_vs_cvaegan_entropy.png"],
+        ),
+        (["cvaegan"], OPTUNA_SEARCH, ["pareto_front.png", "best_so_far.png", "landscape.png"]),
+    ],
+    ids=["grid", "optuna"],
+)
+def test_report_html_opens_in_chromium_with_every_table_and_image(
+    tmp_path, capsys, models, search, figures
+):
+    name = "optuna" if "optuna" in search else "grid"
+    write_hand_made_study(tmp_path / "results", name, models, search)
+    out = tmp_path / "report"
+    markdown = write_report(tmp_path / "results", name, out, capsys)
+    page = out / "report.html"
+    pngs = sorted(out.glob("*.png"))
+    assert_files(out, ["report.html", "samples.png", "image_entropy_histograms.png", *figures])
+
+    shown = open_in_chromium(page, tmp_path / "chromium-profile")
+    assert shown["ready"] == "complete"
+    # Every figure of the folder is on the page, embedded, decoded at its own size.
+    assert sorted(image["file"] for image in shown["images"]) == [path.name for path in pngs]
+    for image in shown["images"]:
+        assert image["complete"] and image["width"] > 0, image["file"]
+        assert image["src"].startswith("data:image/png;base64,"), image["file"]
+        assert (image["width"], image["height"]) == png_size(out / image["file"])
+    assert shown["external"] == [] and shown["resources"] == []  # nothing loaded from outside
+    # The same tables as report.md, in the same order, with the same columns and rows.
+    expected = markdown_tables(markdown)
+    assert [(t["header"], t["rows"]) for t in shown["tables"]] == expected
+    assert len(expected) >= 4
+    table1 = shown["tables"][0]
+    assert table1["header"][0] == "model" and "real data" in table1["text"]
+    assert [h for h in shown["headings"] if h.startswith("Table")] == [
+        "Table 1: mode entropy and mean image entropy",
+        "Table 2: fidelity and diversity",
+    ]
+    assert set(shown["headings"]) == {
+        line.lstrip("# ").replace("`", "") for line in markdown.splitlines() if line[:1] == "#"
+    }
+    if name == "grid":
+        assert table1["text"].count("2.266") == 1  # the paper's VAE value, as in report.md
+        assert "Does the constraint help?" in shown["headings"]
+    else:
+        assert "Optuna search" in shown["headings"]

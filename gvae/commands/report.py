@@ -10,10 +10,10 @@ from typing import Any
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="write a study's tables and figures (Markdown, PNG, CSV)",
+        help="write a study's tables and figures (Markdown, HTML, PNG, CSV)",
         description="Write report.md with Table 1, the paper's figures (PNG) and tables (CSV) "
         "for the study NAME, plus the Pareto front of an Optuna study and every trial that did "
-        "not finish.",
+        "not finish; report.html beside it is the same report as one self-contained page.",
     )
     parser.add_argument("name", help="study name (its folder under --storage)")
     parser.add_argument("--storage", default="results", help="results folder or URI")
