@@ -120,13 +120,13 @@ def test_measure_held_out_real_images(
     assert measured.frechet_distance == pytest.approx(0.0, abs=1e-6)
 
 
-
 def test_an_evaluation_reports_every_metric_a_study_may_name(
     trained: tuple[Evaluator, float, list[str]], mnist5k: Dataset
 ) -> None:
     # A study's objective and ASHA metric are checked against METRIC_NAMES without torch.
     measured = trained[0].measure(mnist5k.test_images)
     assert tuple(measured.scalars()) == METRIC_NAMES
+
 
 def test_collapsed_samples_score_low(trained: tuple[Evaluator, float, list[str]], mnist5k: Dataset):
     evaluator = trained[0]
