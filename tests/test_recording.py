@@ -142,6 +142,7 @@ class FakeTrial:
     num_failures: int = 0
     status: str = "PENDING"
     last_result: dict[str, Any] = field(default_factory=dict)
+    error_file: str | None = None  # Tune's local error file; get_error reads storage
 
     def get_error(self) -> str:
         return "Traceback ...\nRuntimeError: worker died"
@@ -341,7 +342,7 @@ def test_a_resumed_run_makes_the_rows_agree_with_tunes_saved_state(tmp_path):
 
 
 def test_a_grid_starts_its_longest_trials_first():
-    from gvae.study.driver import longest_first
+    from gvae.study.search import longest_first
     from gvae.study.spec import load_study
 
     spec = load_study("studies/quick.yaml")

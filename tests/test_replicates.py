@@ -10,25 +10,36 @@ import optuna
 import pandas as pd
 import pytest
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from analysis import suggestions
 from analysis.reproduce import choose_suggestion
+from gvae.study.compat import OptunaSearch, journal_storage
 from gvae.study.replicates import SUGGESTION, SeedReplicates
 from gvae.study.spec import Objective, Range
 
 OBJECTIVES = ["mode_entropy", "mean_image_entropy"]
 
 
-def searcher(replicates: int, base_seed: int = 0) -> SeedReplicates:
+def searcher(replicates: int, base_seed: int = 0, journal: str | None = None) -> SeedReplicates:
+    """Optuna under seed replicates, its study in memory or in a journal file."""
+    storage = journal_storage(journal) if journal else optuna.storages.InMemoryStorage()
     inner = OptunaSearch(
-        space={"lam": tune.loguniform(0.01, 100.0)}, metric=OBJECTIVES, mode=["max", "min"], seed=0
+        space={"lam": tune.loguniform(0.01, 100.0)},
+        metric=OBJECTIVES,
+        mode=["max", "min"],
+        seed=0,
+        study_name="s",
+        **({"journal": journal} if journal else {"storage": storage}),
     )
-    return SeedReplicates(inner, replicates=replicates, base_seed=base_seed)
+    search = SeedReplicates(inner, replicates=replicates, base_seed=base_seed)
+    search.optuna_storage = storage  # where the test reads what Optuna recorded
+    return search
 
 
 def told(search: SeedReplicates) -> list[optuna.trial.FrozenTrial]:
-    return search.searcher._ot_study.get_trials(deepcopy=False)
+    """What Optuna recorded, read through Optuna's own API from the searcher's storage."""
+    study = optuna.load_study(study_name="s", storage=search.optuna_storage)
+    return study.get_trials(deepcopy=False)
 
 
 def test_each_suggestion_runs_on_consecutive_seeds_with_one_suggestion_id():
@@ -64,14 +75,15 @@ def test_a_suggestion_with_no_usable_replicate_fails_in_optuna():
 
 
 def test_state_survives_a_save_and_restore(tmp_path):
-    search = searcher(replicates=2)
+    journal = str(tmp_path / "journal")
+    search = searcher(replicates=2, journal=journal)
     search.suggest("t0")
     search.suggest("t1")
     search.on_trial_complete("t0", {"mode_entropy": 1.0, "mean_image_entropy": 1.0})
     state = search.get_state()
     search.save(str(tmp_path / "inner.pkl"))
 
-    restored = searcher(replicates=2)
+    restored = searcher(replicates=2, journal=journal)
     restored.set_state(state)
     restored.restore(str(tmp_path / "inner.pkl"))
     restored.on_trial_complete("t1", {"mode_entropy": 3.0, "mean_image_entropy": 2.0})

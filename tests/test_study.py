@@ -100,7 +100,7 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
     merged = trials.merge(last, left_on="trial_id", right_index=True, suffixes=("", "_c"))
     assert (merged.final_mode_entropy == merged.mode_entropy).all()
     assert trials.final_image_entropies.map(len).eq(300).all()
-    assert checkpoints_per_trial(tmp_path / "r", "grid") == [1] * 4  # of two evaluations each
+    assert checkpoints_per_trial(tmp_path / "r", "grid") == [2] * 4  # of two evaluations each
 
 
 def test_a_grid_over_two_datasets_measures_each_trial_with_its_datasets_evaluator(
@@ -227,7 +227,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(
     assert not curves.duplicated(["trial_id", "iteration"]).any() and len(curves) == 8
     kept = trials.set_index("trial_id").loc[finished_before.index]
     assert (kept.wall_seconds == finished_before.wall_seconds).all()  # not re-run
-    assert checkpoints_per_trial(storage, "resume") == [1] * 4
+    assert checkpoints_per_trial(storage, "resume") == [2] * 4  # Tune keeps the last two
     if "optuna" in search:  # the restored searcher goes on suggesting new points
         assert trials.lam.nunique() == 4 and trials.lam.between(0.1, 10.0).all()
 
@@ -258,7 +258,7 @@ def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):
     row = trials.iloc[0]
     assert row.status == "finished" and row.retries == 1
     assert curves.iteration.tolist() == [100, 200, 300, 400]
-    assert checkpoints_per_trial(tmp_path / "r", "crash") == [1]
+    assert checkpoints_per_trial(tmp_path / "r", "crash") == [2]
 
     # Resumed from a checkpoint, the trial ends exactly where an uninterrupted run ends.
     torch.set_num_threads(int(row.threads))

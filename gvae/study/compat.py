@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from ray.tune.search.optuna import optuna_search as ray_optuna
 
 # `ray.init` logs its SIGTERM warning through this logger (ray/_private/worker.py).
 RAY_WORKER_LOGGER = "ray._private.worker"
@@ -48,6 +55,9 @@ def quiet_tune_output(verbose: bool) -> None:
     engine, which prints nothing at verbosity 0 (ray-project/ray issue 36949 tracks the two
     engines). Tune's INFO lines (state snapshots) are shown with --verbose only.
 
+    Tune logs every trial error with its whole traceback unless `TUNE_PRINT_ALL_TRIAL_ERRORS=0`
+    (among its documented environment variables); gvae prints each as one line.
+
     Tune warns when trials checkpoint faster than it snapshots its state; a checkpoint at every
     evaluation of many short trials is the point here, and the warning itself names
     `TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0` as the way to turn it off.
@@ -56,3 +66,55 @@ def quiet_tune_output(verbose: bool) -> None:
     logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # Each trial error with its traceback; the progress prints it as one line instead.
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
+
+
+class OptunaSearch(ray_optuna.OptunaSearch):
+    """Ray Tune's OptunaSearch, with two of its behaviours changed.
+
+    - A trial whose objectives are not finite numbers (it diverged or failed: see
+      gvae.study.outcome) is told to Optuna as FAIL. Tune's OptunaSearch tells Optuna COMPLETE
+      with the NaN, which Optuna refuses ("The value nan is not acceptable"); the searcher logs
+      that and leaves the Optuna trial RUNNING for good.
+    - Restored from Tune's saved state, it keeps this run's journal: Tune pickles the searcher
+      with its Optuna storage, whose journal path is where the study folder was when it was
+      saved, and a moved study folder would be written at its old place.
+    """
+
+    def __init__(self, *args: Any, journal: str | None = None, **kwargs: Any) -> None:
+        if journal is not None:
+            kwargs["storage"] = journal_storage(journal)
+        super().__init__(*args, **kwargs)
+        self.journal = journal
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [(result or {}).get(metric) for metric in metrics]
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        journal = self.journal
+        super().restore(checkpoint_path)
+        self.journal = journal
+        if journal is None:
+            return
+        # The same study, read from this run's journal; its trials rebound to it.
+        storage = journal_storage(journal)
+        study = optuna.load_study(
+            study_name=self._study_name, storage=storage, sampler=self._ot_study.sampler
+        )
+        self._storage, self._ot_study = storage, study
+        self._ot_trials = {
+            tune_id: optuna.trial.Trial(study, trial._trial_id)
+            for tune_id, trial in self._ot_trials.items()
+        }
+
+
+def journal_storage(path: str) -> JournalStorage:
+    """An Optuna journal file: what `optuna.load_study` and `optuna-dashboard` open."""
+    return JournalStorage(JournalFileBackend(path))

@@ -13,7 +13,8 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -23,12 +24,7 @@ import pyarrow.fs as pafs
 import yaml
 from ray import tune
 from ray.tune.error import TuneError
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
-from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.optuna import OptunaSearch
 
-from gvae.config import TrialConfig
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
@@ -37,14 +33,14 @@ from gvae.study import compat
 from gvae.study.faults import StopWhenStorageFull, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.outcome import ENDED
-from gvae.study.packs import PACKED_SUGGESTION, SEEDS, pack_points, replicate_seeds
+from gvae.study.packs import SEEDS
 from gvae.study.progress import ConsoleProgress
 from gvae.study.ray_start import RayStart
-from gvae.study.replicates import SeedReplicates
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
-from gvae.study.spec import Range, StudySpec, parse_study, read_yaml
-from gvae.study.tables import SUGGESTION, StudyTables, Tables
+from gvae.study.search import JOURNAL, scheduler, tune_search
+from gvae.study.spec import StudySpec, parse_study, read_yaml
+from gvae.study.tables import StudyTables, Tables
 from gvae.study.trainable import train_trial
 
 EXPERIMENT = "tune"
@@ -133,8 +129,7 @@ def _run_leased(
     compat.quiet_tune_output(verbose)
     ray_start.wait(log)
     check_resources(spec, resource_wait if ray_start.address else 0.0, log)
-    experiment = f"{store.root}/{EXPERIMENT}"
-    resumed = tune.Tuner.can_restore(experiment, storage_filesystem=_tune_filesystem(store))
+    resumed = _has_saved_state(store)
     if resumed:
         where = store.location(EXPERIMENT)
         log(f"resuming study {spec.name} from {where}: finished trials are kept")
@@ -143,10 +138,20 @@ def _run_leased(
         _write_spec(store, raw_spec)
     tables = StudyTables(Tables.of(spec, store.uri, provenance()), spec.tune_trial_count)
     tables.prepare()
-    _fit(spec, store, tables, evaluator_states, image_sizes, resumed, verbose)
+    with _optuna_journal(spec, store, log) as journal:
+        search = tune_search(spec, image_sizes, journal)
+        _fit(spec, store, tables, evaluator_states, search, resumed, verbose)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
+
+
+def _has_saved_state(store: ResultsStore) -> bool:
+    """Whether Tune saved an experiment state for the study, which `tune.run(resume=True)`
+    continues."""
+    selector = pafs.FileSelector(store.path(EXPERIMENT), allow_not_found=True)
+    names = (info.base_name for info in store.fs.get_file_info(selector))
+    return any(name.startswith("experiment_state-") for name in names)
 
 
 def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:
@@ -160,7 +165,7 @@ def _fit(
     store: ResultsStore,
     tables: StudyTables,
     evaluator_states: dict[str, dict[str, Any]],
-    image_sizes: dict[str, int],
+    search: dict[str, Any],
     resumed: bool,
     verbose: bool,
 ) -> None:
@@ -186,8 +191,8 @@ def _fit(
             verbose=1 if verbose else 0,
             reuse_actors=True,  # no new worker process (and torch import) per trial
             raise_on_failed_trial=False,  # failures are in the tables and the exit status
-            scheduler=_scheduler(spec),
-            **_search(spec, image_sizes),
+            scheduler=scheduler(spec),
+            **search,
         )
     except TuneError as error:
         cause: BaseException | None = error
@@ -196,32 +201,32 @@ def _fit(
         raise (cause or error) from None
 
 
-def _search(spec: StudySpec, image_sizes: dict[str, int]) -> dict[str, Any]:
-    """tune.run's search arguments: the grid's points in the order they start (Tune's own grid
-    order is by key name), or Optuna over the space."""
-    space: dict[str, Any] = dict(spec.base_config())
-    space["model"] = tune.choice(list(spec.models)) if len(spec.models) > 1 else spec.models[0]
-    if spec.search_type == "grid":
-        points = tune_points(spec, image_sizes)
-        space["model"] = tune.choice(list(spec.models))
-        # Points may only set keys the space has; every point sets them all, so nothing is drawn.
-        space["dataset"] = tune.choice(list(spec.datasets))
-        space.update({key: tune.choice(values) for key, values in spec.grid.items()})
-        if spec.pack > 1:
-            del space["seed"]
-            space[SEEDS] = tune.choice([point[SEEDS] for point in points])
-        generator = BasicVariantGenerator(
-            points_to_evaluate=points, max_concurrent=spec.concurrency
+@contextlib.contextmanager
+def _optuna_journal(
+    spec: StudySpec, store: ResultsStore, log: Callable[[str], None]
+) -> Iterator[str | None]:
+    """Where an Optuna search keeps its study: a journal file in the study folder on a local
+    disk. On S3, which cannot append to a file, the driver keeps the journal on its own disk,
+    fetched from the study folder before the run and put back after it."""
+    if spec.search_type != "optuna":
+        yield None
+        return
+    if store.local:
+        log(f"optuna: watch the search live with `optuna-dashboard {store.path(JOURNAL)}`")
+        yield store.path(JOURNAL)
+        return
+    with tempfile.TemporaryDirectory(prefix="gvae-optuna-") as folder:
+        local = f"{folder}/{JOURNAL}"
+        if store.exists(JOURNAL):
+            pafs.copy_files(store.path(JOURNAL), local, source_filesystem=store.fs)
+        log(
+            f"optuna: watch the search live with `optuna-dashboard {local}`; it is copied to "
+            f"{store.location(JOURNAL)} when this run ends"
         )
-        return {"config": space, "search_alg": generator, "num_samples": len(points)}
-    space.update({key: _domain(value) for key, value in spec.space.items()})
-    if spec.pack > 1:  # one trial per suggestion, training its replicates as one pack
-        space[SEEDS] = replicate_seeds(spec.fixed.get("seed", 0), spec.replicates)
-        space[SUGGESTION] = PACKED_SUGGESTION
-    searcher = _optuna_search(spec)
-    if spec.concurrency:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency)
-    return {"config": space, "search_alg": searcher, "num_samples": spec.tune_trial_count}
+        try:
+            yield local
+        finally:
+            pafs.copy_files(local, store.path(JOURNAL), destination_filesystem=store.fs)
 
 
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
@@ -335,69 +340,6 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
     if spec.pack > 1:  # Tune's trials are packs, which show their seeds
         params = tuple(SEEDS if key == "seed" else key for key in params)
     return ConsoleProgress(spec.tune_trial_count, objective=objective, params=params)
-
-
-def tune_points(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
-    """The grid's points as Tune trials, longest first: a pack of seeds each under
-    `resources.pack` (gvae.study.packs), else one trial each."""
-    points = longest_first(spec, image_sizes)
-    return pack_points(points, spec.pack) if spec.pack > 1 else points
-
-
-def longest_first(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
-    """The grid's trials, the longest expected first, so no long trial starts last (the tail).
-
-    Expected length: iterations x batch size x train steps per iteration (WGAN's n_critic critic
-    steps plus one) x the nets one step trains x the values in an image of the trial's dataset
-    (`image_sizes`, by name: the nets' outer layers grow with it); only the order matters.
-    """
-
-    def cost(fields: dict[str, Any]) -> float:
-        config = TrialConfig.from_dict({**spec.base_config(), **fields}).resolved()
-        steps = config.n_critic + 1 if config.model == "wgan" else 1
-        nets = NETS_PER_STEP.get(config.model, 1)
-        size = image_sizes[config.dataset]
-        return config.iterations * config.batch_size * steps * nets * size
-
-    return sorted(spec.grid_trials(), key=cost, reverse=True)  # stable: file order on ties
-
-
-# Nets trained per step, a rough relative cost of one iteration (WGAN's steps counted apart).
-NETS_PER_STEP = {"gan": 2, "wgan": 2, "vae": 2, "vaegan": 3, "cvaegan": 3}
-
-
-def _optuna_search(spec: StudySpec) -> Searcher:
-    """Optuna over the study's space; with replicates, each suggestion runs on several seeds."""
-    search: Searcher = OptunaSearch(
-        metric=[o.metric for o in spec.objectives],
-        mode=[o.mode for o in spec.objectives],
-        seed=0,
-    )
-    if spec.replicates > 1 and spec.pack == 1:
-        search = SeedReplicates(search, spec.replicates, base_seed=spec.fixed.get("seed", 0))
-    return search
-
-
-def _domain(value: Range | list[Any]) -> Any:
-    if isinstance(value, list):
-        return tune.choice(value)
-    if value.integer:
-        sampler = tune.lograndint if value.log else tune.randint
-        return sampler(int(value.low), int(value.high) + 1)
-    return (tune.loguniform if value.log else tune.uniform)(value.low, value.high)
-
-
-def _scheduler(spec: StudySpec) -> ASHAScheduler | None:
-    if spec.scheduler is None:
-        return None
-    return ASHAScheduler(
-        metric=spec.scheduler.metric,
-        mode=spec.scheduler.mode,
-        time_attr="training_iteration",  # counts evaluations
-        max_t=spec.iterations // spec.eval_every + 1,
-        grace_period=spec.scheduler.grace_period,
-        reduction_factor=spec.scheduler.reduction_factor,
-    )
 
 
 def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:

@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from gvae.errors import GvaeError
 from gvae.io import StorageFull, is_full
+from gvae.study.outcome import trial_error_text
 
 
 def resume_command(name: str, storage: str, address: str | None) -> str:
@@ -43,7 +44,7 @@ class StopWhenStorageFull(Callback):
         self._check(trial)
 
     def _check(self, trial: Any) -> None:
-        if "No space left on device" in str(trial.get_error()):
+        if "No space left on device" in trial_error_text(trial):
             raise StorageFull(self.uri)
 
 

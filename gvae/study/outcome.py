@@ -9,8 +9,10 @@ of the searcher or the scheduler is needed and no value is made up.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from gvae.study.spec import METRICS
@@ -57,6 +59,21 @@ class Outcome:
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def trial_error(trial: Any) -> str:
+    """The exception and message of a Tune trial's latest error."""
+    return error_line(trial_error_text(trial))
+
+
+def trial_error_text(trial: Any) -> str:
+    """A Tune trial's errors so far, read from its error file on the driver, which Tune writes
+    before it calls the callbacks: `get_error` reads the copy in storage, which arrives later
+    (and said nothing at a trial's first retry)."""
+    path = trial.error_file
+    if path and os.path.isfile(path):
+        return Path(path).read_text()
+    return str(trial.get_error() or "")
 
 
 def error_line(error: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from gvae.study.outcome import Outcome, Status, error_line, is_finite_number
+from gvae.study.outcome import Outcome, Status, is_finite_number, trial_error
 
 ERASE = "\r\x1b[K"
 SHOWN_METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
@@ -86,10 +86,10 @@ class ConsoleProgress(Callback):
         self._trial_line(trials, trial, _outcome(trial))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial_line(trials, trial, Outcome(Status.FAILED, error_line(trial.get_error())))
+        self._trial_line(trials, trial, Outcome(Status.FAILED, trial_error(trial)))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = error_line(trial.get_error())
+        error = trial_error(trial)
         line = f"{self._counter()} retrying {self._describe(trial)}  {error}"
         self._emit(f"{line} (failure {trial.num_failures})", keep=True)
         if self.tty:
@@ -138,7 +138,7 @@ class ConsoleProgress(Callback):
         if outcome.status is Status.DIVERGED:
             metrics = f"losses not finite at iteration {outcome.diverged_at}"
         elif outcome.status is Status.FAILED:
-            metrics = outcome.error or error_line(trial.get_error())
+            metrics = outcome.error or trial_error(trial)
         seconds = result.get("time_total_s")
         took = f"  {seconds:.1f} s" if seconds is not None else ""
         line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"

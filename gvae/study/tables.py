@@ -24,7 +24,7 @@ import pyarrow as pa
 from ray.tune import Callback
 
 from gvae.config import TrialConfig
-from gvae.study.outcome import ENDED, Outcome, Status, error_line, is_finite_number
+from gvae.study.outcome import ENDED, Outcome, Status, is_finite_number, trial_error
 from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
 from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
 from gvae.study.spec import EVALUATION_METRICS, StudySpec
@@ -248,7 +248,7 @@ class StudyTables(Callback):
             self._amend(trial, lambda row: row.update(mark))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = error_line(trial.get_error())
+        error = trial_error(trial)
         self._amend(trial, lambda row: row.update(status=Status.FAILED.value, error=error))
 
     def _amend(self, trial: Any, change: Any) -> None:

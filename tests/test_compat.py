@@ -1,0 +1,115 @@
+"""What gvae.study.compat relies on in the installed Ray: each test fails the day Ray changes it,
+and the workaround then goes (or changes) with it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import subprocess
+import sys
+
+import optuna
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch as RayOptunaSearch
+
+from gvae.study import compat
+
+# ray.init on a thread, with and without the workaround; prints the warnings Ray's worker logged.
+INIT_OFF_THE_MAIN_THREAD = """
+import logging, sys, threading
+import ray
+from gvae.study import compat
+
+records = []
+handler = logging.Handler()
+handler.emit = lambda record: records.append(record.getMessage())
+logging.getLogger(compat.RAY_WORKER_LOGGER).addHandler(handler)
+
+def start():
+    if sys.argv[1] == "held":
+        with compat.off_main_thread_ray_init():
+            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+thread = threading.Thread(target=start)
+thread.start()
+thread.join()
+ray.shutdown()
+print([message for message in records if "SIGTERM" in message])
+"""
+
+
+def warnings_of_ray_init_off_the_main_thread(mode: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", INIT_OFF_THE_MAIN_THREAD, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_ray_init_off_the_main_thread_warns_of_sigterm_on_the_logger_compat_holds():
+    assert "SIGTERM handler is not set" in warnings_of_ray_init_off_the_main_thread("plain")
+    assert warnings_of_ray_init_off_the_main_thread("held") == "[]"
+
+
+def test_the_plain_output_engine_is_chosen_by_tunes_environment_variable(monkeypatch):
+    from ray.tune.experimental.output import get_air_verbosity
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # Tune's default; restored after the test
+    assert get_air_verbosity(0) is not None  # the new engine, which prints its header
+    compat.quiet_tune_output(verbose=False)
+    assert get_air_verbosity(0) is None  # the plain one, silent at verbosity 0
+
+
+def test_tune_reads_the_snapshot_warning_threshold_compat_sets():
+    from ray.tune.execution import experiment_state
+
+    variable = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+    assert variable in inspect.getsource(experiment_state)
+
+
+def tell_nan(searcher_class: type) -> str:
+    """The state Optuna records for a trial that ended with a NaN objective."""
+    storage = optuna.storages.InMemoryStorage()
+    searcher = searcher_class(
+        space={"lam": tune.uniform(0.0, 1.0)},
+        metric="mode_entropy",
+        mode="max",
+        study_name="s",
+        storage=storage,
+    )
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"mode_entropy": math.nan})
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    return trial.state.name
+
+
+def test_tunes_optuna_search_leaves_a_nan_trial_running_and_compats_fails_it():
+    assert tell_nan(RayOptunaSearch) == "RUNNING"  # Optuna refused COMPLETE with NaN
+    assert tell_nan(compat.OptunaSearch) == "FAIL"
+
+
+def test_a_restored_optuna_search_writes_the_journal_where_the_study_is_now(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    space = {"lam": tune.uniform(0.0, 1.0)}
+    first = compat.OptunaSearch(
+        space=space, metric="m", mode="max", study_name="s", journal=str(old / "j")
+    )
+    first.suggest("t0")
+    first.save(str(tmp_path / "searcher.pkl"))
+    old.rename(new)  # the study folder moved, as a user may move or sync it
+
+    restored = compat.OptunaSearch(
+        space=space, metric="m", mode="max", study_name="s", journal=str(new / "j")
+    )
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("t0", {"m": 0.5})
+    restored.suggest("t1")
+    study = optuna.load_study(study_name="s", storage=compat.journal_storage(str(new / "j")))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    assert not old.exists()
