@@ -229,6 +229,27 @@ def _optuna_journal(
             pafs.copy_files(local, store.path(JOURNAL), destination_filesystem=store.fs)
 
 
+def repair_study(storage: str, name: str, log: Callable[[str], None] = print) -> None:
+    """Rebuild a study's tables from its trials' newest checkpoints and Tune's saved state, under
+    the study's lease (no driver runs it meanwhile); what a resume also does before training."""
+    spec, _ = load_saved_spec(storage, name)
+    store = ResultsStore(study_uri(storage, name))
+    if not _has_saved_state(store):
+        raise GvaeError(f"study: {name} has no Tune state under {store.uri}; nothing to repair")
+    lease = StudyLease(store.uri, name, log=log)
+    lease.acquire()
+    try:
+        tables = StudyTables(Tables.of(spec, store.uri, provenance()), spec.tune_trial_count)
+        tables.prepare(log)
+        experiment = f"{store.root}/{EXPERIMENT}"
+        filesystem = _tune_filesystem(store)
+        trials = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
+        tables.reconcile(trials)
+        tables.on_experiment_end(trials)
+    finally:
+        lease.release()
+
+
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
     """The spec a study ran with, for `gvae study resume NAME`."""
     store = ResultsStore(study_uri(storage, name))

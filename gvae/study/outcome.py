@@ -18,6 +18,9 @@ from typing import Any
 from gvae.study.spec import METRICS
 
 OUTCOME_KEY = "outcome"  # the result key of a trial's last report when it did not finish
+# The result key of what a trial tells the study besides its metrics (a checkpoint it could not
+# read), printed as a line of its own.
+NOTICE_KEY = "notice"
 
 
 class Status(str, Enum):

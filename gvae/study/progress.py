@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from gvae.study.outcome import Outcome, Status, is_finite_number, trial_error
+from gvae.study.outcome import NOTICE_KEY, Outcome, Status, is_finite_number, trial_error
 
 ERASE = "\r\x1b[K"
 SHOWN_METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
@@ -75,6 +75,10 @@ class ConsoleProgress(Callback):
         self.counts = {}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        if result.get(NOTICE_KEY):
+            self._emit(
+                f"{self._counter()} note {self._describe(trial)}  {result[NOTICE_KEY]}", True
+            )
         value = result.get(self.metric)
         if is_finite_number(value) and (self.best is None or self._better(value, self.best[0])):
             self.best = (float(value), self._describe(trial))

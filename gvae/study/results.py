@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gvae.errors import GvaeError
 from gvae.io import join, resolve, write_parquet
 
 TRIALS = "trials.parquet"
@@ -97,7 +98,7 @@ class ResultsStore:
     def _read_table_once(self, table: str, columns: list[str] | None) -> pa.Table | None:
         split = split_name(table)  # every row, while a split fills the folder (or was cut short)
         if self.kind(split) == pafs.FileType.File:
-            return pq.read_table(self.path(split), columns=columns, filesystem=self.fs)
+            return self._read_file(split, columns)
         kind = self.kind(table)
         if kind == pafs.FileType.NotFound:
             compacted = compacted_name(table)  # complete, and about to be moved to `table`
@@ -106,7 +107,7 @@ class ResultsStore:
             elif self.kind(table) != pafs.FileType.NotFound:  # the move happened meanwhile
                 raise FileNotFoundError(self.path(compacted))
         if kind == pafs.FileType.File:
-            return pq.read_table(self.path(table), columns=columns, filesystem=self.fs)
+            return self._read_file(table, columns)
         if kind != pafs.FileType.Directory:
             return None
         folder = self.path(table)
@@ -121,6 +122,12 @@ class ResultsStore:
         target = pa.schema([schema.field(name) for name in names])
         tables = [conform(t, target) for t in read_fragments(self.fs, fragments, names)]
         return pa.concat_tables(tables) if tables else target.empty_table()
+
+    def _read_file(self, name: str, columns: list[str] | None) -> pa.Table:
+        try:
+            return pq.read_table(self.path(name), columns=columns, filesystem=self.fs)
+        except pa.ArrowInvalid:
+            raise UnreadableTable(self.path(name)) from None
 
     def fragment_paths(self, table: str) -> list[str]:
         """The `part-` files of a table's folder, in file-name (trial id) order."""
@@ -230,9 +237,10 @@ class FragmentedTable:
         self._split_from(self._split)
 
     def _folder_schema(self) -> pa.Schema | None:
+        """The schema file's columns; None when it is missing or cut short (it is rewritten)."""
         try:
-            return read_parquet_whole(self.store.fs, self.store.path(self._schema_file)).schema
-        except FileNotFoundError:
+            return pq.read_schema(self.store.path(self._schema_file), filesystem=self.store.fs)
+        except (FileNotFoundError, pa.ArrowInvalid):
             return None
 
     @property
@@ -246,9 +254,13 @@ class FragmentedTable:
         self.store.put(self._schema_file, self.schema.empty_table())
 
     def _split_from(self, source: str) -> None:
-        """Rewrite a single-file table (at `source`) as a folder of per-trial fragments."""
+        """Rewrite a single-file table (at `source`) as a folder of per-trial fragments; one that
+        cannot be read is dropped (its rows are rebuilt from the trials' checkpoints)."""
         store = self.store
-        table = pq.read_table(store.path(source), filesystem=store.fs)
+        try:
+            table = pq.read_table(store.path(source), filesystem=store.fs)
+        except pa.ArrowInvalid:
+            table = self.schema.empty_table()
         store.fs.create_dir(store.path(self.name), recursive=True)
         self._widen(table.schema)
         by_trial: dict[str, list[dict[str, Any]]] = {}
@@ -320,6 +332,29 @@ def split_name(table: str) -> str:
     return f".{table}.split"
 
 
+class UnreadableTable(GvaeError):
+    """A table's file that is no Parquet file (cut short by a crash, a full disk, a bad copy)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        parts = path.rstrip("/").split("/")
+        table = next((i for i, part in enumerate(parts) if part.endswith(".parquet")), len(parts))
+        study = parts[table - 1] if table > 0 else "NAME"
+        super().__init__(
+            f"storage: {path} cannot be read as Parquet; `gvae study repair {study}` (or "
+            f"`gvae study resume {study}`) rebuilds the tables from the trials' checkpoints"
+        )
+
+
+def readable_parquet(store: ResultsStore, path: str) -> bool:
+    """Whether the file at `path` is a Parquet file whose footer can be read."""
+    try:
+        pq.read_metadata(path, filesystem=store.fs)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def read_parquet_whole(
     fs: pafs.FileSystem, path: str, columns: list[str] | None = None
 ) -> pa.Table:
@@ -335,7 +370,10 @@ def read_parquet_whole(
             return pq.ParquetFile(pa.BufferReader(stream.readall()))
 
     # A file gone (an OSError too) stays gone: the caller decides what that means.
-    parquet = retried(parse, (pa.ArrowInvalid, OSError), but_not=FileNotFoundError)
+    try:
+        parquet = retried(parse, (pa.ArrowInvalid, OSError), but_not=FileNotFoundError)
+    except pa.ArrowInvalid:
+        raise UnreadableTable(path) from None
     present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
     return parquet.read(columns=present)
 

@@ -16,8 +16,10 @@ schema, and `pandas.read_parquet` of a table's folder sees every column.
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +28,14 @@ from ray.tune import Callback
 from gvae.config import TrialConfig
 from gvae.study.outcome import ENDED, Outcome, Status, is_finite_number, trial_error
 from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
-from gvae.study.results import CURVES, TRIALS, FragmentedTable, ResultsStore
+from gvae.study.results import (
+    CURVES,
+    TRIALS,
+    FragmentedTable,
+    ResultsStore,
+    UnreadableTable,
+    readable_parquet,
+)
 from gvae.study.spec import EVALUATION_METRICS, StudySpec
 
 SUGGESTION = "suggestion"  # the config key (and column) naming a seed replicate's suggestion
@@ -202,6 +211,39 @@ def member_rows(trial_id: str, params: dict[str, Any]) -> list[MemberRows]:
     return rows
 
 
+# Each checkpoint holds the trial's rows as of that checkpoint (with the last evaluation's arrays
+# in its last one), so a trial resumed from it writes the rows it had then, and the driver can
+# rebuild rows that were lost or corrupted from the trial's newest checkpoint.
+RECORD_FILE = "record.json"
+
+
+def save_record(
+    directory: str, rows: list[MemberRows], context: dict[str, Any], timing: dict[str, float]
+) -> None:
+    members = [
+        {
+            "curve": r.curve,
+            "status": r.status.value,
+            "error": r.error,
+            "diverged_at": r.diverged_at,
+            "arrays": r.arrays,
+        }
+        for r in rows
+    ]
+    record = {**timing, "context": context, "members": members}
+    Path(directory, RECORD_FILE).write_text(json.dumps(record))
+
+
+def load_record(directory: str, rows: list[MemberRows]) -> dict[str, Any]:
+    """Fill `rows` from the record in a checkpoint folder; return its timing and context."""
+    record = json.loads(Path(directory, RECORD_FILE).read_text())
+    for row, member in zip(rows, record["members"], strict=True):
+        row.curve, row.arrays = member["curve"], member["arrays"]
+        row.status, row.error = Status(member["status"]), member["error"]
+        row.diverged_at = member["diverged_at"]
+    return record
+
+
 class StudyTables(Callback):
     """The driver's part of the tables (see the module docstring)."""
 
@@ -211,59 +253,79 @@ class StudyTables(Callback):
         self.store = tables.store()
         self.reconciled = False
 
-    def prepare(self) -> None:
-        """Before any trial starts: finish an interrupted compaction, and turn a compacted table
-        back into a folder of fragments that trials can write."""
+    def prepare(self, log: Callable[[str], None] = print) -> None:
+        """Before any trial starts: finish an interrupted compaction, turn a compacted table back
+        into a folder of fragments that trials can write, and learn which rows are stored (a
+        fragment that cannot be read is removed, to be rebuilt)."""
         for name, schema in ((TRIALS, self.tables.trials), (CURVES, self.tables.curves)):
             FragmentedTable(self.store, name, schema).open_for_writing()
+        try:
+            self.store.read_table(CURVES, ["trial_id"])
+            stored = self.store.read_table(TRIALS, ["trial_id", "status"])
+        except UnreadableTable:  # a fragment cut short (a crash, a full disk, a bad copy)
+            for name in (TRIALS, CURVES):
+                for path in unreadable_fragments(self.store, name):
+                    log(f"{path} cannot be read; its rows are rebuilt from the trial's checkpoint")
+                    self.store.fs.delete_file(path)
+            stored = self.store.read_table(TRIALS, ["trial_id", "status"])
+        columns = stored.to_pydict()
+        self.stored = dict(zip(columns["trial_id"], columns["status"], strict=True))
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.reconciled:
             self.reconciled = True
-            self._reconcile(trials)
+            self.reconcile(trials)
 
-    def _reconcile(self, trials: list) -> None:
-        """Make the rows agree with Tune's restored state: drop rows of trials Tune does not know
-        (started after its last snapshot: the searcher suggests them again under new ids) and
-        mark trials Tune saw end after the trial's own last write."""
-        known = {
-            m.row_id: trial for trial in trials for m in member_rows(trial.trial_id, trial.config)
-        }
-        table = FragmentedTable(self.store, TRIALS, self.tables.trials)
-        for row_id in table.trial_ids():
-            if row_id not in known:
-                table.write_trial(row_id, [])
-                FragmentedTable(self.store, CURVES, self.tables.curves).write_trial(row_id, [])
+    def reconcile(self, trials: list) -> None:
+        """Make the rows agree with Tune's saved state (what a resumed run starts from): drop
+        rows of trials Tune does not know (started after its last snapshot: the searcher
+        suggests them again under new ids), rebuild lost rows from each trial's newest
+        checkpoint, and mark the trials Tune saw end after their own last write."""
+        known = {m.row_id for trial in trials for m in member_rows(trial.trial_id, trial.config)}
+        for row_id in set(self.stored) - known:
+            for name, schema in ((TRIALS, self.tables.trials), (CURVES, self.tables.curves)):
+                FragmentedTable(self.store, name, schema).write_trial(row_id, [])
         for trial in trials:
-            if trial.status == "ERROR":
-                self.on_trial_error(iteration=0, trials=trials, trial=trial)
-            elif trial.status == "TERMINATED":
-                self.on_trial_complete(iteration=0, trials=trials, trial=trial)
+            rows = member_rows(trial.trial_id, trial.config)
+            if any(row.row_id not in self.stored for row in rows) and trial.checkpoint:
+                self._rebuild(trial, rows)
+            if any(self.stored.get(row.row_id) not in ENDED for row in rows):
+                if trial.status == "ERROR":
+                    self.on_trial_error(iteration=0, trials=trials, trial=trial)
+                elif trial.status == "TERMINATED":
+                    self._amend(trial, _outcome_of(trial))
+
+    def _rebuild(self, trial: Any, rows: list[MemberRows]) -> None:
+        with trial.checkpoint.as_directory() as directory:
+            record = load_record(directory, rows)
+        timing = {key: record[key] for key in ("wall_seconds", "started_at")}
+        for row in rows:
+            row.write(self.tables, self.store, record["context"], timing)
+            self.stored[row.row_id] = row.status.value
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        iterations = trial.config["iterations"]
-        stopped = Outcome.of_result(trial.last_result, iterations).status is Status.STOPPED
-        if stopped or trial.num_failures:  # else the trial's own last write says it all
-            mark = {"status": Status.STOPPED.value} if stopped else {}
-            self._amend(trial, lambda row: row.update(mark))
+        outcome = _outcome_of(trial)
+        if outcome.status is not Status.FINISHED or trial.num_failures:
+            self._amend(trial, outcome)  # else the trial's own last write says it all
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = trial_error(trial)
-        self._amend(trial, lambda row: row.update(status=Status.FAILED.value, error=error))
+        self._amend(trial, Outcome(Status.FAILED, trial_error(trial)))
 
-    def _amend(self, trial: Any, change: Any) -> None:
-        """Apply `change` to each row of the trial that is still marked running, and record its
+    def _amend(self, trial: Any, outcome: Outcome) -> None:
+        """Give each row of the trial still marked running the outcome, and record the trial's
         retries; rows that need neither are left as the trial wrote them."""
         table = FragmentedTable(self.store, TRIALS, self.tables.trials)
         for member in member_rows(trial.trial_id, trial.config):
             stored = table.read_trial(member.row_id)
-            row = stored[0] if stored else member.trial_row(self.tables, {}, _timing(trial))
+            row = stored[0] if stored else member.trial_row(self.tables, {}, {})
             before = dict(row)
             if row["status"] not in ENDED:
-                change(row)
+                row.update(status=outcome.status.value, error=outcome.error)
+                row["diverged_at"] = outcome.diverged_at
             row["retries"] = trial.num_failures
             if row != before:
                 table.write_trial(member.row_id, [row])
+            self.stored[member.row_id] = row["status"]
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Compact once the study is complete: every trial it will run has ended."""
@@ -272,9 +334,13 @@ class StudyTables(Callback):
             compact(self.store, self.tables)
 
 
-def _timing(trial: Any) -> dict[str, float]:
-    seconds = (trial.last_result or {}).get("time_total_s")
-    return {"wall_seconds": seconds, "started_at": time.time()}
+def _outcome_of(trial: Any) -> Outcome:
+    return Outcome.of_result(trial.last_result, trial.config["iterations"])
+
+
+def unreadable_fragments(store: ResultsStore, table: str) -> list[str]:
+    """The fragments of a table's folder that are no Parquet file."""
+    return [path for path in store.fragment_paths(table) if not readable_parquet(store, path)]
 
 
 def compact(store: ResultsStore, tables: Tables) -> None:

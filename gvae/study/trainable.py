@@ -20,14 +20,19 @@ from gvae.divergence import Diverged
 from gvae.errors import GvaeError
 from gvae.evaluation import Evaluator
 from gvae.io import CHECKPOINT_FILE
-from gvae.study.outcome import Outcome, Status, is_finite_number
+from gvae.study.outcome import NOTICE_KEY, Outcome, Status, is_finite_number
 from gvae.study.packs import is_pack, members
-from gvae.study.tables import ARRAYS, SUGGESTION, MemberRows, Tables, member_rows
+from gvae.study.tables import (
+    ARRAYS,
+    RECORD_FILE,
+    SUGGESTION,
+    MemberRows,
+    Tables,
+    load_record,
+    member_rows,
+    save_record,
+)
 from gvae.trainer import TrialOutcome, resolve_device, run_pack, run_trial
-
-# Each checkpoint holds the trial's rows as of that checkpoint, so a trial resumed from it writes
-# the rows it had then, and training on rewrites what follows.
-RECORD_FILE = "record.json"
 
 
 class TrialRecord:
@@ -39,34 +44,26 @@ class TrialRecord:
         self.rows = rows
         self.context = context
         self.started_at = time.time()
-        self.earlier_seconds = 0.0  # spent by earlier runs of the trial, before its checkpoint
+        # Training time up to the last report: by earlier runs of the trial before its
+        # checkpoint, then this one's. A trial resumed at its end (a killed driver had not
+        # recorded it ended) so writes the same time again.
+        self.earlier_seconds = self.wall_seconds = 0.0
         self.clock = time.monotonic()
+        self.notice: str | None = None  # told with the next report
 
     def restore(self, directory: Path) -> None:
-        saved = json.loads((directory / RECORD_FILE).read_text())
-        self.started_at, self.earlier_seconds = saved["started_at"], saved["wall_seconds"]
-        for row, member in zip(self.rows, saved["members"], strict=True):
-            row.curve = member["curve"]
-            row.status, row.error = Status(member["status"]), member["error"]
-            row.diverged_at = member["diverged_at"]
+        record = load_record(str(directory), self.rows)
+        self.started_at, self.earlier_seconds = record["started_at"], record["wall_seconds"]
+        self.wall_seconds = self.earlier_seconds
 
     def save(self, directory: Path) -> None:
-        saved = [
-            {
-                "curve": r.curve,
-                "status": r.status.value,
-                "error": r.error,
-                "diverged_at": r.diverged_at,
-            }
-            for r in self.rows
-        ]
-        timing = self.timing()
-        record = {"started_at": timing["started_at"], "wall_seconds": timing["wall_seconds"]}
-        (directory / RECORD_FILE).write_text(json.dumps({**record, "members": saved}))
+        save_record(str(directory), self.rows, self.context, self.timing())
+
+    def clock_in(self) -> None:
+        self.wall_seconds = self.earlier_seconds + time.monotonic() - self.clock
 
     def timing(self) -> dict[str, float]:
-        seconds = self.earlier_seconds + time.monotonic() - self.clock
-        return {"wall_seconds": seconds, "started_at": self.started_at}
+        return {"wall_seconds": self.wall_seconds, "started_at": self.started_at}
 
     def write(self) -> None:
         for row in self.rows:
@@ -80,6 +77,7 @@ class TrialRecord:
             return
         point = {key: value for key, value in metrics.items() if key not in ARRAYS}
         row.curve = [p for p in row.curve if p["iteration"] < point["iteration"]] + [point]
+        row.arrays = {key: metrics[key] for key in ARRAYS if key in metrics}  # at the last one
 
     def end(self, outcomes: list[TrialOutcome]) -> None:
         """The trainer's outcomes: each member's whole curve and last arrays."""
@@ -94,6 +92,7 @@ class TrialRecord:
 
     def stop(self, outcome: Outcome) -> None:
         """The trial ends without finishing: its rows and its last report say how."""
+        self.clock_in()
         for row in self.rows:
             if not row.status.ended:
                 row.status, row.error = outcome.status, outcome.error
@@ -117,7 +116,10 @@ def train_trial(
     record = TrialRecord(tables, member_rows(tune.get_context().get_trial_id(), params), context)
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
-        resume_from = _readable(Path(directory)) if directory else None
+        resume_from = Path(directory) if directory else None
+        if resume_from is not None and not _readable(resume_from):
+            record.notice = f"checkpoint {checkpoint.path} cannot be read; the trial starts over"
+            resume_from = None
         if resume_from is not None:
             record.restore(resume_from)
         record.write()
@@ -145,9 +147,12 @@ def _train(
     def report(rows: list[dict[str, Any]], checkpoint_dir: Path) -> None:
         for row, metrics in zip(record.rows, rows, strict=True):
             record.note(row, metrics)
+        record.clock_in()
         record.save(checkpoint_dir)
         record.write()
         result = {**mean_scalars(rows), **record.context}
+        if record.notice:
+            result[NOTICE_KEY], record.notice = record.notice, None
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     if not packed:
@@ -187,18 +192,15 @@ def _divergence(error: Diverged) -> dict[str, Any]:
     return {"diverged_at": error.iteration, "diverged_error": str(error)}
 
 
-def _readable(directory: Path) -> Path | None:
-    """The checkpoint folder, or None (start over) when its files cannot be read: a file cut
-    short by a crash would fail every retry the same way."""
+def _readable(directory: Path) -> bool:
+    """Whether a checkpoint's files can be read: one cut short by a crash would fail every retry
+    the same way, so the trial starts over instead."""
     try:
         json.loads((directory / RECORD_FILE).read_text())
         with zipfile.ZipFile(directory / CHECKPOINT_FILE) as archive:
-            if archive.testzip() is None:
-                return directory
+            return archive.testzip() is None
     except (OSError, ValueError, zipfile.BadZipFile):
-        pass
-    print(f"gvae: checkpoint {directory} cannot be read; the trial starts over", flush=True)
-    return None
+        return False
 
 
 def _context(device: torch.device, evaluator: Evaluator) -> dict[str, Any]:

@@ -1,0 +1,167 @@
+"""Faults a cluster produces, on a real Ray cluster with real subprocess drivers: SIGTERM, a
+second crash, a corrupt checkpoint, a corrupt table, a moved study folder."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.test_faults import LONG, cluster, finish, gvae, rows, wait_for  # noqa: F401
+from tests.test_study import tables, write_study
+
+pytestmark = pytest.mark.slow
+
+FOUR = {"grid": {"seed": [0, 1, 2, 3]}}
+TRACEBACKS = ("Traceback", "FileNotFoundError", "Error handling checkpoint")
+
+
+def killed_after(driver: subprocess.Popen, storage: Path, name: str, finished: int) -> None:
+    """Kill the driver (SIGKILL) once `finished` trials have finished."""
+    wait_for(lambda: (rows(storage, name).status == "finished").sum() >= finished)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+
+def run_to_the_end(cluster, name: str, storage: Path) -> str:
+    code, output = finish(gvae(cluster, "study", "resume", name, "--storage", str(storage)))
+    assert code == 0, output[-3000:]
+    return output
+
+
+def test_sigterm_saves_the_state_prints_the_line_and_exits_130(cluster, tmp_path):
+    study = write_study(tmp_path, "term", models=["vae"], search=FOUR, **LONG)
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
+    wait_for(lambda: (rows(tmp_path, "term").status == "finished").sum() >= 1)
+    driver.send_signal(signal.SIGTERM)  # as `ray job stop`, Kubernetes and Slurm stop a driver
+    code, output = finish(driver, timeout=30)  # within a scheduler's grace period
+    assert code == 130, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("gvae: interrupted: study term has "), last
+    done = int(last.split(" has ")[1].split()[0])
+    assert done >= 1
+
+    # Tune's state was saved: the resume begins with the finished trials done.
+    output = run_to_the_end(cluster, "term", tmp_path)
+    first = next(line for line in output.splitlines() if line.startswith("["))
+    assert int(first[1:].split("/")[0]) >= done, first
+    trials, curves = tables(tmp_path, "term")
+    assert len(trials) == 4 and set(trials.status) == {"finished"}
+    assert len(curves) == 16 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+def test_a_second_crash_loses_no_finished_trial(cluster, tmp_path):
+    study = write_study(tmp_path, "twice", models=["vae"], search=FOUR, **LONG)
+    run = ["study", "run", str(study), "--storage", str(tmp_path)]
+    killed_after(gvae(cluster, *run), tmp_path, "twice", finished=1)
+    killed_after(gvae(cluster, *run), tmp_path, "twice", finished=3)  # the resume, killed too
+    output = run_to_the_end(cluster, "twice", tmp_path)
+    for text in TRACEBACKS:
+        assert text not in output, output[-3000:]
+    trials, curves = tables(tmp_path, "twice")
+    assert len(trials) == 4 and set(trials.status) == {"finished"}
+    assert (trials.iterations_done == 1000).all()
+    assert len(curves) == 16 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+def newest_checkpoint_file(storage: Path, name: str, trial_id: str) -> Path:
+    folders = sorted((storage / name / "tune").glob(f"train_trial_{trial_id}_*/checkpoint_*"))
+    return folders[-1] / "checkpoint.pt"
+
+
+def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(
+    cluster, tmp_path
+):
+    study = write_study(tmp_path, "cut", models=["vae"], search={"grid": {"seed": [0]}}, **LONG)
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
+    curves = tmp_path / "cut" / "curves.parquet"
+    wait_for(lambda: curves.exists() and len(pd.read_parquet(curves)) >= 2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    (trial_id,) = rows(tmp_path, "cut").trial_id
+    newest = newest_checkpoint_file(tmp_path, "cut", trial_id)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    output = run_to_the_end(cluster, "cut", tmp_path)
+    notes = [line for line in output.splitlines() if " note " in line]
+    assert len(notes) == 1 and "cannot be read; the trial starts over" in notes[0], output[-3000:]
+    assert "Traceback" not in output and "PytorchStreamReader" not in output
+    trials, curves = tables(tmp_path, "cut")
+    assert trials.status.tolist() == ["finished"] and trials.retries.tolist() == [0]
+    assert curves.iteration.tolist() == [250, 500, 750, 1000]
+
+
+@pytest.mark.parametrize("table", ["trials", "curves", "schema"])
+def test_a_corrupt_table_fragment_is_named_in_one_line_and_rebuilt(cluster, tmp_path, table):
+    study = write_study(tmp_path, "frag", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG)
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
+    killed_after(driver, tmp_path, "frag", finished=1)
+    before_trials, before_curves = tables(tmp_path, "frag")
+    finished = before_trials[before_trials.status == "finished"].trial_id.iloc[0]
+    folder = tmp_path / "frag" / f"{'curves' if table == 'curves' else 'trials'}.parquet"
+    cut = folder / ("00-schema.parquet" if table == "schema" else f"part-{finished}.parquet")
+    cut.write_bytes(cut.read_bytes()[:10])
+
+    for command in (["study", "status", "frag"], ["report", "frag"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "gvae.cli", *command, "--storage", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = done.stderr.strip().splitlines()
+        if table == "schema":  # the schema file alone holds no rows: readers do without it
+            continue
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+        assert str(cut) in lines[0] and "gvae study repair frag" in lines[0], lines[0]
+
+    output = run_to_the_end(cluster, "frag", tmp_path)
+    assert "Traceback" not in output, output[-3000:]
+    trials, curves = tables(tmp_path, "frag")
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+    kept = trials.set_index("trial_id").loc[finished]
+    assert kept.final_image_entropies is not None and len(kept.final_image_entropies) == 300
+
+
+def test_gvae_study_repair_rebuilds_a_deleted_table(cluster, tmp_path):
+    study = write_study(tmp_path, "lost", models=["vae"], search={"grid": {"seed": [0, 1]}})
+    code, output = finish(gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path)))
+    assert code == 0, output[-3000:]
+    straight, straight_curves = tables(tmp_path, "lost")
+    (tmp_path / "lost" / "trials.parquet").unlink()
+    (tmp_path / "lost" / "curves.parquet").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "gvae.cli", "study", "repair", "lost", "--storage", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    trials, curves = tables(tmp_path, "lost")
+    columns = [c for c in straight.columns if c not in ("wall_seconds", "retries")]
+    pd.testing.assert_frame_equal(
+        trials[columns].sort_values("trial_id").reset_index(drop=True),
+        straight[columns].sort_values("trial_id").reset_index(drop=True),
+    )
+    assert len(curves) == len(straight_curves)
+
+
+def test_a_moved_study_folder_resumes_where_it_is_now(cluster, tmp_path):
+    study = write_study(tmp_path, "mv", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG)
+    old, new = tmp_path / "old", tmp_path / "new"
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(old))
+    killed_after(driver, old, "mv", finished=1)
+    shutil.move(old, new)  # copied to another disk, or synced down from S3
+
+    output = run_to_the_end(cluster, "mv", new)
+    assert "interrupted" not in output, output[-3000:]
+    assert not old.exists()
+    trials, curves = tables(new, "mv")
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
