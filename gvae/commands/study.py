@@ -44,6 +44,17 @@ def add_parser(subparsers: Any) -> None:
     status.add_argument("--storage", default="results", help="results folder or URI")
     status.set_defaults(run=_status)
 
+    repair = commands.add_parser(
+        "repair",
+        help="rebuild a study's tables from its trials' checkpoints and Tune's saved state",
+        description="Rebuild trials.parquet and curves.parquet of a study whose table files were "
+        "lost or cut short, from each trial's newest checkpoint and Tune's saved state (a resume "
+        "does the same before it trains).",
+    )
+    repair.add_argument("name")
+    repair.add_argument("--storage", default="results", help="results folder or URI")
+    repair.set_defaults(run=_repair)
+
 
 def _cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -164,6 +175,17 @@ def _interrupted_line(spec: Any, store: ResultsStore, resume: str) -> str:
         f"gvae: interrupted: study {spec.name} has {sum(ended.values())} of {spec.trial_count} "
         f"trials done{f' ({counts})' if counts else ''}; `{resume}` continues it"
     )
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from gvae.study.driver import repair_study
+
+    repair_study(args.storage, args.name)
+    store = ResultsStore(study_uri(args.storage, args.name))
+    counts = store.read("trials.parquet")["status"].value_counts().to_dict()
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"study {args.name}: tables rebuilt ({summary or 'no trials'})")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
