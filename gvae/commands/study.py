@@ -108,6 +108,7 @@ def _resume(args: argparse.Namespace) -> int:
 def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     """Exit status: 0 every trial ended with a result (finished, diverged, stopped), 1 some
     failed after their retries, 2 bad input (GvaeError, in gvae.cli), 130 interrupted."""
+    from gvae.study import compat  # noqa: F401  first: it sets what Ray reads at its import
     from gvae.study.ray_start import RayStart
     from gvae.study.resources import check_devices
 

@@ -6,10 +6,18 @@ workaround goes (or changes) with it.
 
 from __future__ import annotations
 
+import os
+
+# Read by Ray when it is imported (ray/_private/ray_constants.py), so it is set here, before this
+# module imports Ray, and gvae.commands.study imports this module first. Ray's C++ core installs
+# abseil's failure signal handler for SIGTERM in the driver, which prints a stack dump and arms a
+# 3-second abort timer before it calls the Python handler: a driver that stops gracefully on
+# SIGTERM (Tune saving its state takes longer) is aborted with SIGABRT (ray-project/ray PR 64830).
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+
 import contextlib
 import logging
 import math
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -64,6 +72,9 @@ def quiet_tune_output(verbose: bool) -> None:
     """
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.WARNING)
+    # At a stop, Tune's run names its Python API to resume with (`tune.run(..., resume=True)`);
+    # gvae prints the command that continues the study instead.
+    logging.getLogger("ray.tune.tune").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Each trial error with its traceback; the progress prints it as one line instead.

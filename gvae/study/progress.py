@@ -53,6 +53,7 @@ class ConsoleProgress(Callback):
         self.best: tuple[float, str] | None = None
         self.counts: dict[str, int] = {}
         self.final: dict[str, str] = {}  # trial id -> how it ended, as soon as its hook runs
+        self.ended_before: set[str] | None = None  # ended in an earlier run of the study
         self.progress_shown = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -72,6 +73,7 @@ class ConsoleProgress(Callback):
         self.ended_this_run = 0
         self.last_end = self.start
         self.final = {}  # restored trials that ended before show as TERMINATED or ERROR
+        self.ended_before: set[str] | None = None
         self.counts = {}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
@@ -98,6 +100,10 @@ class ConsoleProgress(Callback):
         self._emit(f"{line} (failure {trial.num_failures})", keep=True)
         if self.tty:
             self._emit(self.progress_line(), keep=False)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.ended_before is None:  # trials a resumed study's saved state says have ended
+            self.ended_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self.last_drawn >= self.log_every:
@@ -160,6 +166,8 @@ class ConsoleProgress(Callback):
                 counts["running"] += 1
             elif trial.status == "ERROR":
                 counts["failed"] += 1
+            elif trial.status == "TERMINATED" and trial.trial_id not in (self.ended_before or ()):
+                counts["pending"] += 1  # stopped by an interrupt: it resumes with the study
             elif trial.status == "TERMINATED":
                 ended = _outcome(trial).status.value
                 counts["done" if ended in ("finished", "stopped") else ended] += 1

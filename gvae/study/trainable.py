@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from ray.tune.result import TIMESTEPS_TOTAL
 
 from gvae.config import TrialConfig
 from gvae.divergence import Diverged
@@ -151,6 +152,11 @@ def _train(
         record.save(checkpoint_dir)
         record.write()
         result = {**mean_scalars(rows), **record.context}
+        if packed:  # each member's own scalars too, for Tune's loggers (TensorBoard, MLflow)
+            seeds = (config.seed for config in configs)
+            result["members"] = {
+                f"seed{seed}": mean_scalars([row]) for seed, row in zip(seeds, rows, strict=True)
+            }
         if record.notice:
             result[NOTICE_KEY], record.notice = record.notice, None
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
@@ -180,7 +186,9 @@ def mean_scalars(rows: list[dict[str, Any]]) -> dict[str, Any]:
     training = [row for row in rows if "iteration" in row]
     if not training:  # every member diverged: the pack's last report says so
         return {}
-    result: dict[str, Any] = {"iteration": training[0]["iteration"]}
+    iteration = training[0]["iteration"]
+    # Tune's loggers step by timesteps_total when a result has it: the trainer's iteration.
+    result: dict[str, Any] = {"iteration": iteration, TIMESTEPS_TOTAL: iteration}
     for name in training[0]:
         finite = [row[name] for row in training if is_finite_number(row.get(name))]
         if finite and name != "iteration":
