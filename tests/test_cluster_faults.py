@@ -12,13 +12,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.test_faults import LONG, cluster, finish, gvae, rows, wait_for  # noqa: F401
+from tests.raycluster import LocalRayCluster
+from tests.test_faults import LONG, finish, gvae, rows, wait_for
 from tests.test_study import tables, write_study
 
 pytestmark = pytest.mark.slow
 
 FOUR = {"grid": {"seed": [0, 1, 2, 3]}}
 TRACEBACKS = ("Traceback", "FileNotFoundError", "Error handling checkpoint")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        ray_cluster.start_head(num_cpus=2)
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
 
 
 def killed_after(driver: subprocess.Popen, storage: Path, name: str, finished: int) -> None:
@@ -74,9 +85,7 @@ def newest_checkpoint_file(storage: Path, name: str, trial_id: str) -> Path:
     return folders[-1] / "checkpoint.pt"
 
 
-def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(
-    cluster, tmp_path
-):
+def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(cluster, tmp_path):
     study = write_study(tmp_path, "cut", models=["vae"], search={"grid": {"seed": [0]}}, **LONG)
     driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
     curves = tmp_path / "cut" / "curves.parquet"
@@ -115,8 +124,8 @@ def test_a_corrupt_table_fragment_is_named_in_one_line_and_rebuilt(cluster, tmp_
             timeout=300,
         )
         lines = done.stderr.strip().splitlines()
-        if table == "schema":  # the schema file alone holds no rows: readers do without it
-            continue
+        if table == "schema" or (table == "curves" and command[0] == "study"):
+            continue  # no rows in the schema file, and status reads no curves
         assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
         assert str(cut) in lines[0] and "gvae study repair frag" in lines[0], lines[0]
 

@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import optuna
+import pyarrow.fs as pafs
 from ray import tune
+from ray.tune import Experiment
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch as RayOptunaSearch
 
 from gvae.study import compat
@@ -113,3 +116,34 @@ def test_a_restored_optuna_search_writes_the_journal_where_the_study_is_now(tmp_
     study = optuna.load_study(study_name="s", storage=compat.journal_storage(str(new / "j")))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
     assert not old.exists()
+
+
+def first_trial_after_a_resume(generator_class: type, tmp_path, **target) -> str:
+    """Where the first trial of a grid generator restored from a saved state is stored when the
+    experiment saved under old/ resumes under new/."""
+    experiment = Experiment(
+        "tune",
+        run=lambda config: None,
+        config={"x": tune.choice([1, 2])},
+        storage_path=str(tmp_path / "old"),
+        num_samples=2,
+    )
+    first = generator_class(points_to_evaluate=[{"x": 1}, {"x": 2}], **target)
+    first.add_configurations([experiment])
+    first.next_trial()
+    first.save_to_dir(str(tmp_path), session_str="s")
+    restored = generator_class(points_to_evaluate=[{"x": 1}, {"x": 2}], **target)
+    restored.restore_from_dir(str(tmp_path))
+    return restored.next_trial().storage.storage_fs_path
+
+
+def test_a_restored_grid_creates_trials_where_the_experiment_was_and_compats_where_it_is(tmp_path):
+    old = first_trial_after_a_resume(BasicVariantGenerator, tmp_path)
+    assert old == str(tmp_path / "old")  # Tune's: the experiment's first place
+    new = first_trial_after_a_resume(
+        compat.VariantGenerator,
+        tmp_path,
+        storage_path=str(tmp_path / "new"),
+        filesystem=pafs.LocalFileSystem(),
+    )
+    assert new == str(tmp_path / "new")

@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 import contextlib
+import copy
 import logging
 import math
 import threading
@@ -25,6 +26,8 @@ from typing import Any
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from ray.tune.search import SearchGenerator
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
 
 # `ray.init` logs its SIGTERM warning through this logger (ray/_private/worker.py).
@@ -129,3 +132,46 @@ class OptunaSearch(ray_optuna.OptunaSearch):
 def journal_storage(path: str) -> JournalStorage:
     """An Optuna journal file: what `optuna.load_study` and `optuna-dashboard` open."""
     return JournalStorage(JournalFileBackend(path))
+
+
+# A study folder that moved (copied to another disk, synced down from S3) resumes with
+# `tune.run(resume=True, storage_path=<where it is now>)`: Tune moves its restored trials there,
+# but its search algorithm's saved state holds the experiment spec of the first run, whose
+# storage still names the old place, and every trial it creates after the resume is written
+# there. The two generators below put this run's storage into the restored spec.
+
+
+def _rebase(spec: dict[str, Any], storage_path: str, filesystem: Any) -> None:
+    storage = spec.get("storage")
+    if storage is None or storage.storage_fs_path == storage_path:
+        return
+    moved = copy.copy(storage)
+    moved.storage_fs_path, moved.storage_filesystem = storage_path, filesystem
+    spec["storage"] = moved
+
+
+class VariantGenerator(BasicVariantGenerator):
+    """Tune's grid generator, whose trials after a resume go where the study folder is now."""
+
+    def __init__(self, *args: Any, storage_path: str, filesystem: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.target = (storage_path, filesystem)
+
+    def set_state(self, state: dict) -> None:
+        target = self.target
+        super().set_state(state)
+        self.target = target
+        for iterator in self._iterators:
+            _rebase(iterator.unresolved_spec, *target)
+
+
+class SuggestionGenerator(SearchGenerator):
+    """Tune's wrapper of a searcher, whose trials after a resume go where the study folder is."""
+
+    def __init__(self, searcher: Any, storage_path: str, filesystem: Any) -> None:
+        super().__init__(searcher)
+        self.target = (storage_path, filesystem)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        _rebase(self._experiment.spec, *self.target)

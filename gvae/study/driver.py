@@ -139,7 +139,8 @@ def _run_leased(
     tables = StudyTables(Tables.of(spec, store.uri, provenance()), spec.tune_trial_count)
     tables.prepare()
     with _optuna_journal(spec, store, log) as journal:
-        search = tune_search(spec, image_sizes, journal)
+        experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
+        search = tune_search(spec, image_sizes, journal, experiments)
         _fit(spec, store, tables, evaluator_states, search, resumed, verbose)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from gvae.config import TrialConfig
-from gvae.study.compat import OptunaSearch
+from gvae.study.compat import OptunaSearch, SuggestionGenerator, VariantGenerator
 from gvae.study.packs import PACKED_SUGGESTION, SEEDS, pack_points, replicate_seeds
 from gvae.study.replicates import SeedReplicates
 from gvae.study.spec import Range, StudySpec
@@ -21,7 +21,10 @@ JOURNAL = "optuna.journal"  # an Optuna study's journal, in the study folder
 
 
 def tune_search(
-    spec: StudySpec, image_sizes: dict[str, int], journal: str | None
+    spec: StudySpec,
+    image_sizes: dict[str, int],
+    journal: str | None,
+    storage: tuple[str, pafs.FileSystem],
 ) -> dict[str, Any]:
     """tune.run's search arguments: the grid's points in the order they start (Tune's own grid
     order is by key name), or Optuna over the space."""
@@ -36,8 +39,11 @@ def tune_search(
         if spec.pack > 1:
             del space["seed"]
             space[SEEDS] = tune.choice([point[SEEDS] for point in points])
-        generator = BasicVariantGenerator(
-            points_to_evaluate=points, max_concurrent=spec.concurrency
+        generator = VariantGenerator(
+            points_to_evaluate=points,
+            max_concurrent=spec.concurrency,
+            storage_path=storage[0],
+            filesystem=storage[1],
         )
         return {"config": space, "search_alg": generator, "num_samples": len(points)}
     space.update({key: _domain(value) for key, value in spec.space.items()})
@@ -47,7 +53,8 @@ def tune_search(
     searcher = _optuna_search(spec, journal)
     if spec.concurrency:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency)
-    return {"config": space, "search_alg": searcher, "num_samples": spec.tune_trial_count}
+    generator = SuggestionGenerator(searcher, *storage)
+    return {"config": space, "search_alg": generator, "num_samples": spec.tune_trial_count}
 
 
 def tune_points(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str, Any]]:
