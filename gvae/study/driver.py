@@ -41,6 +41,7 @@ from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.search import JOURNAL, scheduler, tune_search
 from gvae.study.spec import StudySpec, parse_study, read_yaml
 from gvae.study.tables import StudyTables, Tables
+from gvae.study.tracking import tracker_callbacks
 from gvae.study.trainable import train_trial
 
 EXPERIMENT = "tune"
@@ -178,7 +179,7 @@ def _fit(
         {"cpu": spec.cpus, "gpu": spec.gpus},
     )
     # The guard first: it stops the study before a trial is recorded failed for a full disk.
-    callbacks = [StopWhenStorageFull(store.uri), tables]
+    callbacks = [StopWhenStorageFull(store.uri), tables, *tracker_callbacks(spec)]
     try:
         tune.run(
             trainable,
