@@ -147,3 +147,22 @@ def test_a_restored_grid_creates_trials_where_the_experiment_was_and_compats_whe
         filesystem=pafs.LocalFileSystem(),
     )
     assert new == str(tmp_path / "new")
+
+
+def test_ray_init_on_the_main_thread_installs_a_sigterm_handler_that_compat_overrides():
+    probe = (
+        "import signal, ray\n"
+        "from gvae.study import compat\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "rays = signal.getsignal(signal.SIGTERM)\n"
+        "with compat.sigterm_interrupts():\n"
+        "    ours = signal.getsignal(signal.SIGTERM)\n"
+        "print(rays not in (signal.SIG_DFL, None), ours is not rays,"
+        " signal.getsignal(signal.SIGTERM) is rays)\n"
+        "ray.shutdown()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True True True"

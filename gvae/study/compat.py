@@ -19,6 +19,7 @@ import contextlib
 import copy
 import logging
 import math
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +57,26 @@ def off_main_thread_ray_init() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, Kubernetes, Slurm) stops the study as Ctrl-C does: Tune saves its
+    state, the driver prints how far the study got and exits 130; a second one skips the save.
+
+    `ray.init` on the main thread (a driver that joins a cluster) installs Ray's own SIGTERM
+    handler, which exits the process at once (`sys.exit`) and so skips Tune's last save: the
+    driver enters this again around `tune.run`, after Ray started, and the previous handler is
+    put back when it leaves.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_tune_output(verbose: bool) -> None:

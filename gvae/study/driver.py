@@ -181,21 +181,22 @@ def _fit(
     # The guard first: it stops the study before a trial is recorded failed for a full disk.
     callbacks = [StopWhenStorageFull(store.uri), tables, *tracker_callbacks(spec)]
     try:
-        tune.run(
-            trainable,
-            name=EXPERIMENT,
-            storage_path=store.root,
-            storage_filesystem=_tune_filesystem(store),
-            resume=True if resumed else None,
-            callbacks=callbacks if verbose else [*callbacks, _progress(spec)],
-            max_failures=spec.max_failures,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            verbose=1 if verbose else 0,
-            reuse_actors=True,  # no new worker process (and torch import) per trial
-            raise_on_failed_trial=False,  # failures are in the tables and the exit status
-            scheduler=scheduler(spec),
-            **search,
-        )
+        with compat.sigterm_interrupts():
+            tune.run(
+                trainable,
+                name=EXPERIMENT,
+                storage_path=store.root,
+                storage_filesystem=_tune_filesystem(store),
+                resume=True if resumed else None,
+                callbacks=callbacks if verbose else [*callbacks, _progress(spec)],
+                max_failures=spec.max_failures,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                verbose=1 if verbose else 0,
+                reuse_actors=True,  # no new worker process (and torch import) per trial
+                raise_on_failed_trial=False,  # failures are in the tables and the exit status
+                scheduler=scheduler(spec),
+                **search,
+            )
     except TuneError as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, GvaeError | OSError):
