@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,6 +286,36 @@ def _optuna_section(report: Report, study: Study) -> list[Block]:
             study.trials, x, y, list(objectives), log_x=_is_log(study, x), log_y=_is_log(study, y)
         )
         lines += _figure(report, "landscape.png", figure, f"Objectives over {x} and {y or 'it'}")
+    return lines + _optuna_plots(report, study)
+
+
+def _optuna_plots(report: Report, study: Study) -> list[Block]:
+    """Optuna's own plots (history, parameter importances, Pareto front), drawn by
+    optuna.visualization.matplotlib from the study's journal, where the study has one."""
+    loaded = suggestions.optuna_study(study.store, study.name)
+    if loaded is None or not any(t.state.name == "COMPLETE" for t in loaded.trials):
+        return []
+    import optuna.visualization.matplotlib as plots
+
+    names = [objective.metric for objective in study.spec.objectives]
+    lines: list[Block] = ["### Optuna's own plots", ""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+        for index, name in enumerate(names):
+            target = (lambda t, i=index: t.values[i]) if len(names) > 1 else None
+            axes = plots.plot_optimization_history(loaded, target=target, target_name=name)
+            lines += _figure(report, f"optuna_history_{name}.png", axes.figure, f"{name} by trial")
+            try:
+                axes = plots.plot_param_importances(loaded, target=target, target_name=name)
+            except (ValueError, RuntimeError):  # too few finished trials, or one parameter
+                continue
+            caption = f"Parameter importances for {name}"
+            lines += _figure(report, f"optuna_importances_{name}.png", axes.figure, caption)
+        if len(names) > 1:
+            axes = plots.plot_pareto_front(loaded, target_names=names)
+            lines += _figure(
+                report, "optuna_pareto_front.png", axes.figure, "Optuna's Pareto front"
+            )
     return lines
 
 

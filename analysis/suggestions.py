@@ -10,14 +10,18 @@ per suggestion, so the same code reads them too.
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import optuna
 import pandas as pd
+import pyarrow.fs as pafs
 
 from analysis import tables
+from gvae.study.results import ResultsStore
 
 SUGGESTION = "suggestion"
 
@@ -149,3 +153,18 @@ def ideal_corner_choice(front: pd.DataFrame, reference: pd.DataFrame, objectives
             scaled = np.ones(len(front))
         distance += ((1 - scaled) if mode == "max" else scaled) ** 2
     return int(np.argmin(np.where(np.isnan(distance), math.inf, distance)))
+
+
+JOURNAL = "optuna.journal"  # gvae.study.search.JOURNAL: that module pulls in Ray (seconds)
+
+
+def optuna_study(store: ResultsStore, name: str) -> optuna.Study | None:
+    """The Optuna study a study's search kept in its journal, or None when it has none."""
+    if not store.exists(JOURNAL):
+        return None
+    local = store.path(JOURNAL)
+    if not store.local:  # a copy on this disk, which Optuna reads as the study is used
+        local = f"{tempfile.mkdtemp(prefix='gvae-optuna-')}/{JOURNAL}"
+        pafs.copy_files(store.path(JOURNAL), local, source_filesystem=store.fs)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(local))
+    return optuna.load_study(study_name=name, storage=storage)

@@ -153,3 +153,20 @@ def test_mlflow_has_one_run_per_trial_with_its_params_metrics_and_status(study):
         assert run["tags.status"] == "finished" and run["status"] == "FINISHED"
         pack = trials[trials.lam == float(run["params.lam"])]
         assert run["metrics.mode_entropy"] == pytest.approx(pack.final_mode_entropy.mean())
+
+
+def test_the_report_draws_optunas_own_plots_from_the_journal(study, tmp_path):
+    folder, _ = study
+    done = subprocess.run(
+        [sys.executable, "-m", "gvae.cli", "report", "eco", "--storage", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    written = {path.name for path in (tmp_path / "report" / "eco").iterdir()}
+    for name in ("optuna_history_mode_entropy.png", "optuna_pareto_front.png"):
+        assert name in written, sorted(written)
+    html = (tmp_path / "report" / "eco" / "report.html").read_text()
+    assert "Optuna's Pareto front" in html

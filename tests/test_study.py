@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from gvae.config import TrialConfig
+from gvae.study.compat import journal_storage
 from gvae.trainer import run_trial
 from tests.raycluster import LocalRayCluster
 
@@ -230,6 +232,11 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(
     assert checkpoints_per_trial(storage, "resume") == [2] * 4  # Tune keeps the last two
     if "optuna" in search:  # the restored searcher goes on suggesting new points
         assert trials.lam.nunique() == 4 and trials.lam.between(0.1, 10.0).all()
+        journal = journal_storage(str(storage / "resume" / "optuna.journal"))
+        states = [
+            t.state.name for t in optuna.load_study(study_name="resume", storage=journal).trials
+        ]
+        assert states.count("COMPLETE") == 4 and "RUNNING" not in states, states
 
 
 def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):

@@ -148,6 +148,16 @@ class OptunaSearch(ray_optuna.OptunaSearch):
             tune_id: optuna.trial.Trial(study, trial._trial_id)
             for tune_id, trial in self._ot_trials.items()
         }
+        _fail_orphans(study, {trial.number for trial in self._ot_trials.values()})
+
+
+def _fail_orphans(study: optuna.Study, known: set[int]) -> None:
+    """A suggestion Optuna made after Tune's last snapshot of a killed study: Tune never ran
+    it and the resumed searcher does not know it, so it would stay RUNNING for good."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        if trial.number not in known:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def journal_storage(path: str) -> JournalStorage:

@@ -214,6 +214,10 @@ def _optuna_journal(
     if spec.search_type != "optuna":
         yield None
         return
+    if spec.optuna_storage:
+        log(f"optuna: watch the search live with `optuna-dashboard {spec.optuna_storage}`")
+        yield None
+        return
     if store.local:
         log(f"optuna: watch the search live with `optuna-dashboard {store.path(JOURNAL)}`")
         yield store.path(JOURNAL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow.fs as pafs
+from optuna.storages import RDBStorage
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
@@ -94,7 +95,8 @@ def _optuna_search(spec: StudySpec, journal: str | None) -> Searcher:
         mode=[o.mode for o in spec.objectives],
         seed=0,
         study_name=spec.name,
-        journal=journal,
+        **({"storage": RDBStorage(spec.optuna_storage)} if spec.optuna_storage else {}),
+        journal=None if spec.optuna_storage else journal,
     )
     if spec.replicates > 1 and spec.pack == 1:
         search = SeedReplicates(search, spec.replicates, base_seed=spec.fixed.get("seed", 0))
