@@ -80,9 +80,8 @@ def test_a_second_crash_loses_no_finished_trial(cluster, tmp_path):
     assert len(curves) == 16 and not curves.duplicated(["trial_id", "iteration"]).any()
 
 
-def newest_checkpoint_file(storage: Path, name: str, trial_id: str) -> Path:
-    folders = sorted((storage / name / "tune").glob(f"train_trial_{trial_id}_*/checkpoint_*"))
-    return folders[-1] / "checkpoint.pt"
+def checkpoint_files(storage: Path, name: str, trial_id: str) -> list[Path]:
+    return sorted((storage / name / "tune").glob(f"train_trial_{trial_id}_*/checkpoint_*/*.pt"))
 
 
 def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(cluster, tmp_path):
@@ -93,8 +92,9 @@ def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     (trial_id,) = rows(tmp_path, "cut").trial_id
-    newest = newest_checkpoint_file(tmp_path, "cut", trial_id)
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    # Each one Tune keeps, so that the one its saved state names, whichever, is cut short.
+    for path in checkpoint_files(tmp_path, "cut", trial_id):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     output = run_to_the_end(cluster, "cut", tmp_path)
     notes = [line for line in output.splitlines() if " note " in line]
