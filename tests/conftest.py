@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gvae.data import Dataset, load_dataset, mnist5k_arrays, stratified_split
+from tests.raycluster import LocalRayCluster
 
 IDX_SPLIT_SEED = 1  # differs from mnist5k's seed, so the IDX data is a genuinely different dataset
 
@@ -70,3 +71,14 @@ def mnist_idx_root(
         writer = write_idx_images if "images" in name else write_idx_labels
         writer(raw / name, tensor)
     return root
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
+    """A real Ray cluster of one 2-CPU head node, started for a test module and stopped after."""
+    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        ray_cluster.start_head(num_cpus=2)
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()

@@ -91,3 +91,23 @@ def test_unwritable_out_and_used_out(tmp_path, capsys):
         assert main(["train", *TINY, "--out", "/proc/gvae-run"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("gvae: error: --out") and "\n" not in err, err
+
+
+def test_counts_past_their_limit_and_non_finite_floats_are_refused(tmp_path, capsys):
+    empty = str(tmp_path / "empty")  # were the limit not checked first, mnist is not found there
+    cases = [
+        (
+            ["--iterations", "10000000000000", "--dataset", "mnist", "--data-root", empty],
+            "iterations: 10000000000000 is more than the limit of 1000000000 iterations a trial "
+            "may train; pass a value from 1 to 1000000000",
+        ),
+        (["--lr", "inf"], "lr: must be a finite number > 0 (got inf); pass a finite number > 0"),
+        (
+            ["--clip", "nan"],
+            "clip: must be a finite number > 0 (got nan); pass a finite number > 0",
+        ),
+    ]
+    for flags, line in cases:
+        assert main(["train", *TINY, *flags, "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == f"gvae: error: {line}\n"
+        assert list(tmp_path.iterdir()) == []

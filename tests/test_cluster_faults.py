@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.raycluster import LocalRayCluster
 from tests.test_faults import LONG, finish, gvae, rows, wait_for
 from tests.test_study import tables, write_study
 
@@ -20,16 +19,6 @@ pytestmark = pytest.mark.slow
 
 FOUR = {"grid": {"seed": [0, 1, 2, 3]}}
 TRACEBACKS = ("Traceback", "FileNotFoundError", "Error handling checkpoint")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
-    try:
-        ray_cluster.start_head(num_cpus=2)
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
 
 
 def killed_after(driver: subprocess.Popen, storage: Path, name: str, finished: int) -> None:

@@ -24,6 +24,16 @@ BAD_FIELDS = [
     ({"seed": 1.5}, "seed"),
     ({"lam": float("nan")}, "lam"),
     ({"device": "tpu"}, "device"),
+    ({"iterations": 10**13}, "iterations"),
+    ({"iterations": 10**10, "eval_every": 10**10}, "iterations"),
+    ({"eval_samples": 10**7}, "eval_samples"),
+    ({"batch_size": 2**16 + 1}, "batch_size"),
+    ({"n_critic": 1001}, "n_critic"),
+    ({"seed": 2**32}, "seed"),
+    ({"lr": float("inf")}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"clip": float("inf")}, "clip"),
+    ({"d": float("-inf")}, "d"),
 ]
 
 
@@ -34,6 +44,26 @@ def test_bad_field_is_named(overrides, field):
     message = str(error.value)
     assert message.startswith(f"{field}:")
     assert "\n" not in message
+
+
+def test_counts_have_a_named_upper_bound_and_floats_must_be_finite():
+    # 10**13 iterations would train until killed: the limit is in the message, and is allowed.
+    with pytest.raises(GvaeError) as error:
+        TrialConfig(iterations=10**13).validate()
+    assert str(error.value) == (
+        "iterations: 10000000000000 is more than the limit of 1000000000 iterations a trial may "
+        "train; pass a value from 1 to 1000000000"
+    )
+    TrialConfig(iterations=10**9, eval_every=10**9, eval_samples=10**6, batch_size=2**16).validate()
+    TrialConfig(n_critic=1000, seed=2**32 - 1).validate()
+    for field, value in [("lr", float("inf")), ("clip", float("nan"))]:
+        with pytest.raises(GvaeError) as error:
+            TrialConfig(**{field: value}).validate()
+        assert str(error.value) == (
+            f"{field}: must be a finite number > 0 (got {value!r}); pass a finite number > 0"
+        )
+    with pytest.raises(GvaeError, match=r"^lam: must be a finite number >= 0 \(got inf\)"):
+        TrialConfig(lam=float("inf")).validate()
 
 
 def test_unknown_key_is_rejected():

@@ -34,16 +34,6 @@ pytestmark = pytest.mark.slow
 DIVERGING_SPACE = {"lr": [0.001, 1.0e12]}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
-    try:
-        ray_cluster.start_head(num_cpus=2)
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
-
-
 def gvae(cluster: LocalRayCluster, *args: str, env: dict | None = None) -> subprocess.Popen:
     """A driver in its own process, joined to the test's cluster."""
     command = [sys.executable, "-m", "gvae.cli", *args, "--address", cluster.address]

@@ -31,16 +31,6 @@ WALL_TIME = ["trial_id", "started_at", "wall_seconds", "iterations_per_second", 
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
-    try:
-        ray_cluster.start_head(num_cpus=2)
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def evaluator_trained(mnist5k):
     """Train the session's evaluator here, outside the drivers' time limit (minutes under load)."""
     load_or_train_evaluator(mnist5k, log=lambda _: None)

@@ -30,16 +30,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    ray_cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
-    try:
-        ray_cluster.start_head(num_cpus=2)
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
-
-
 def write_study(folder: Path, name: str, **fields) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, **TINY, **fields}, sort_keys=False))

@@ -1,5 +1,6 @@
 """Study files: the shipped ones validate; each kind of bad input is one line naming the key."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,186 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump(VALID).replace("batch_size: 16", "batch_size: 16\n  lr: 1e-4"))
     assert load_study(study).fixed["lr"] == 1e-4
+
+
+# --- bad input is refused before Ray starts: one line, exit status 2, nothing written ---------
+
+
+class RayStarted(Exception):
+    """Raised in place of starting Ray: a study that reaches it passed every check before Ray."""
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch, capsys):
+    """Run `gvae study run` (after writing the study, a dict or bytes, to tmp_path/study.yaml)
+    in tmp_path; assert exit status 2, one stderr line and no file or folder written; return the
+    line."""
+    from gvae.study.ray_start import RayStart
+
+    def begin(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(RayStart, "begin", begin)
+    monkeypatch.chdir(tmp_path)
+
+    def run(study: dict | bytes, *flags: str) -> str:
+        path = tmp_path / "study.yaml"
+        path.write_bytes(study if isinstance(study, bytes) else yaml.safe_dump(study).encode())
+        before = sorted(tmp_path.rglob("*"))
+        capsys.readouterr()
+        assert main(["study", "run", str(path), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert sorted(tmp_path.rglob("*")) == before
+        return err.strip()
+
+    return run
+
+
+def test_iterations_past_the_limit_are_refused_with_the_limit(refused):
+    # 10**13 iterations would train until killed.
+    assert refused(changed(VALID, "iterations", 10**13)) == (
+        "gvae: error: iterations: 10000000000000 is more than the limit of 1000000000 "
+        "iterations a trial may train; pass a value from 1 to 1000000000"
+    )
+    assert refused(changed(VALID, "fixed.eval_samples", 10**7)) == (
+        "gvae: error: fixed.eval_samples: 10000000 is more than the limit of 1000000 samples an "
+        "evaluation may generate; pass a value from 1 to 1000000"
+    )
+    assert refused(changed(VALID, "search.grid", {"batch_size": [64, 10**5]})).startswith(
+        "gvae: error: search.grid.batch_size: 100000 is more than the limit of 65536 images"
+    )
+    assert refused(changed(OPTUNA, "search.optuna.trials", 10**13)) == (
+        "gvae: error: search.optuna.trials: must be from 1 to the limit of 100000 suggestions "
+        "(got 10000000000000); pass the number of suggestions to try"
+    )
+
+
+def test_a_model_or_dataset_listed_twice_is_refused(refused):
+    # The same trial twice, as a grid value listed twice is.
+    assert refused(changed(VALID, "models", ["vae", "vae"])) == (
+        "gvae: error: models: 'vae' is listed twice; list each model once"
+    )
+    assert refused(changed(VALID, "dataset", ["mnist5k", "stacked-mnist5k", "mnist5k"])) == (
+        "gvae: error: dataset: 'mnist5k' is listed twice; list each dataset once"
+    )
+    space = changed(OPTUNA, "search.optuna.space.gan_loss", ["minimax", "minimax"])
+    assert refused(space) == (
+        "gvae: error: search.optuna.space.gan_loss: 'minimax' is listed twice; "
+        "list each choice once"
+    )
+
+
+def test_a_name_that_is_not_a_plain_folder_name_is_refused(refused):
+    allowed = "letters, digits, '-', '_' and '.' (not first)"
+    assert refused(changed(VALID, "name", "lam sweep")) == (
+        "gvae: error: name: 'lam sweep' has a space, which a study name may not (it names the "
+        f"study's folder and its Ray Tune experiment); use only {allowed}"
+    )
+    assert refused(changed(VALID, "name", "..")) == (
+        "gvae: error: name: '..' is the folder above the storage, not a study folder inside it; "
+        f"name the study with {allowed}, e.g. lam_sweep"
+    )
+    assert refused(changed(VALID, "name", "a/b")).startswith("gvae: error: name: 'a/b' has '/'")
+    assert refused(changed(VALID, "name", ".hidden")).startswith(
+        "gvae: error: name: '.hidden' starts with '.'"
+    )
+    assert refused(changed(VALID, "name", "x" * 101)) == (
+        "gvae: error: name: 101 characters long; shorten it to 100 at most"
+    )
+    assert parse_study(changed(VALID, "name", "lam_sweep-2.1")).name == "lam_sweep-2.1"
+
+
+def test_a_binary_study_file_is_one_line_naming_it(refused, tmp_path):
+    assert refused(b"\x89PNG\r\n\x1a\n\x00\xff") == (
+        f"gvae: error: study file: {tmp_path / 'study.yaml'} is not a text file (byte 0 is not "
+        "UTF-8); pass a YAML study file such as studies/quick.yaml"
+    )
+
+
+def test_float_fields_must_be_finite(refused):
+    assert refused(changed(VALID, "fixed.lr", float("inf"))) == (
+        "gvae: error: fixed.lr: must be a finite number > 0 (got inf); pass a finite number > 0"
+    )
+    assert refused(changed(VALID, "fixed.lam", float("nan"))) == (
+        "gvae: error: fixed.lam: must be a finite number >= 0 (got nan); pass a finite number >= 0"
+    )
+    assert refused(changed(VALID, "search.grid", {"clip": [0.01, float("inf")]})) == (
+        "gvae: error: search.grid.clip: must be a finite number > 0 (got inf); "
+        "pass a finite number > 0"
+    )
+    assert refused(changed(OPTUNA, "search.optuna.space.lam.high", float("inf"))) == (
+        "gvae: error: search.optuna.space.lam.high: must be a finite number (got inf); "
+        "pass a finite number"
+    )
+    assert refused(changed(OPTUNA, "search.optuna.space.d", {"low": float("nan"), "high": 1})) == (
+        "gvae: error: search.optuna.space.d.low: must be a finite number (got nan); "
+        "pass a finite number"
+    )
+
+
+def test_storage_that_cannot_be_written_is_refused_before_ray(refused, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    fix = "pass a --storage folder you can write"
+    assert refused(VALID, "--storage", str(blocker)) == (
+        f"gvae: error: --storage: cannot write the study folder {blocker}/t ({blocker} is not a "
+        f"folder); {fix}"
+    )
+    assert refused(VALID, "--storage", str(blocker / "results")) == (
+        f"gvae: error: --storage: cannot write the study folder {blocker}/results/t ({blocker} "
+        f"is not a folder); {fix}"
+    )
+    assert refused(changed(VALID, "storage", str(blocker / "results"))) == (
+        f"gvae: error: storage: cannot write the study folder {blocker}/results/t ({blocker} "
+        "is not a folder); set storage to a folder you can write, or pass --storage"
+    )
+    taken = tmp_path / "results"  # the study's folder is a file
+    taken.mkdir()
+    (taken / "t").write_text("keep me")
+    assert refused(VALID, "--storage", str(taken)) == (
+        f"gvae: error: --storage: cannot write the study folder {taken}/t ({taken}/t is not a "
+        f"folder); {fix}"
+    )
+    assert (taken / "t").read_text() == "keep me"
+    if Path("/proc").is_dir():  # nothing can be made there, not even by root
+        assert refused(VALID, "--storage", "/proc/gvae-results") == (
+            "gvae: error: --storage: cannot write the study folder /proc/gvae-results/t (No such "
+            f"file or directory); {fix}"
+        )
+        assert not Path("/proc/gvae-results").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o500 folder regardless")
+def test_storage_without_write_permission_is_refused_before_ray(refused, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert refused(VALID, "--storage", str(locked / "results")) == (
+            f"gvae: error: --storage: cannot write the study folder {locked}/results/t "
+            "(Permission denied); pass a --storage folder you can write"
+        )
+    finally:
+        locked.chmod(0o700)
+
+
+def test_writable_storage_passes_the_check_and_is_left_as_it_was(tmp_path, monkeypatch):
+    from gvae.study.ray_start import RayStart
+
+    def begin(*args, **kwargs):
+        raise RayStarted
+
+    monkeypatch.setattr(RayStart, "begin", begin)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(VALID))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("keep me")
+    for storage in (tmp_path / "new" / "results", kept):
+        with pytest.raises(RayStarted):
+            main(["study", "run", str(study), "--storage", str(storage)])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
+        Path("kept"),
+        Path("kept/notes.txt"),
+        Path("study.yaml"),
+    ]
