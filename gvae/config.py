@@ -18,6 +18,18 @@ MODEL_NAMES = ("gan", "wgan", "vae", "vaegan", "cvaegan")
 ARCH_NAMES = ("mlp", "conv")
 GAN_LOSSES = ("nonsaturating", "minimax")
 
+# Upper bounds of the counts a trial is given (README, Studies): past them a trial cannot finish
+# (the paper trains 10**6 iterations), an evaluation cannot hold its samples, or a seed leaves the
+# 32 bits that gvae.data.batches can shift into its 64-bit generator seeds.
+LIMITS = {
+    "iterations": (10**9, "iterations a trial may train"),
+    "eval_every": (10**9, "iterations between evaluations"),
+    "eval_samples": (10**6, "samples an evaluation may generate"),
+    "batch_size": (2**16, "images a batch may hold"),
+    "n_critic": (1000, "critic steps per iteration"),
+    "seed": (2**32 - 1, "(seeds are 32-bit numbers)"),
+}
+
 # Per-model learning rates: Adam 2e-4 (DCGAN, Larsen); RMSprop 5e-5 for WGAN (Arjovsky et al.).
 DEFAULT_LR = {"gan": 2e-4, "wgan": 5e-5, "vae": 1e-3, "vaegan": 2e-4, "cvaegan": 2e-4}
 
@@ -83,15 +95,30 @@ def _choice(name: str, allowed: tuple[str, ...]):
 
 
 def _number(name: str, minimum: float, strict: bool, kind: type = float):
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+
     def check(config: TrialConfig) -> None:
         value = getattr(config, name)
         if value is None and name == "lr":
             return
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             raise GvaeError(f"{name}: expected {kind.__name__}, got {value!r}")
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-            raise GvaeError(f"{name}: must be {bound} (got {value!r}); pass a value {bound}")
+        too_small = value < minimum or (strict and value == minimum)
+        if kind is float:  # inf and nan too: they turn every loss non-finite
+            if too_small or not math.isfinite(value):
+                raise GvaeError(
+                    f"{name}: must be a finite number {bound} (got {value!r}); "
+                    f"pass a finite number {bound}"
+                )
+            return
+        maximum, what = LIMITS.get(name, (None, ""))
+        fix = f"from {minimum + 1 if strict else minimum} to {maximum}" if maximum else bound
+        if too_small:
+            raise GvaeError(f"{name}: must be {bound} (got {value!r}); pass a value {fix}")
+        if maximum is not None and value > maximum:
+            raise GvaeError(
+                f"{name}: {value} is more than the limit of {maximum} {what}; pass a value {fix}"
+            )
 
     return check
 
