@@ -82,6 +82,33 @@ def _write_atomic(location: str | Path, data: bytes) -> None:
         raise
 
 
+def probe_writable(folder: str | Path) -> None:
+    """Raise OSError unless the local `folder` can be made and a file written in it; either way
+    it leaves the disk as it found it (the probe file and every folder it made are removed)."""
+    path = Path(folder).absolute()
+    missing = []
+    for part in [path, *path.parents]:
+        if os.path.lexists(part):
+            break
+        missing.append(part)
+    made: list[Path] = []
+    try:
+        for part in reversed(missing):
+            part.mkdir()
+            made.append(part)
+        probe = path / f".gvae-write-probe-{uuid.uuid4().hex}"
+        try:
+            with open(probe, "xb") as stream:  # "x": never touches an existing file
+                stream.write(b"gvae")
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    finally:
+        for part in reversed(made):
+            with contextlib.suppress(OSError):  # another process put something in it meanwhile
+                part.rmdir()
+
+
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """A table whose columns are the union of the rows' keys (missing values become null)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gvae.errors import GvaeError
+from gvae.io import probe_writable
 from gvae.study.results import ResultsStore, study_uri
-from gvae.study.spec import load_study, read_yaml
+from gvae.study.spec import load_study, read_study_file
 
 if TYPE_CHECKING:
     from gvae.study.ray_start import RayStart
@@ -94,7 +95,7 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_study(args.study_file)  # validated before Ray starts
-    raw = read_yaml(args.study_file.read_text())
+    raw = read_study_file(args.study_file)
     return _execute(spec, raw, args)
 
 
@@ -108,6 +109,10 @@ def _resume(args: argparse.Namespace) -> int:
 def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     """Exit status: 0 every trial ended with a result (finished, diverged, stopped), 1 some
     failed after their retries, 2 bad input (GvaeError, in gvae.cli), 130 interrupted."""
+    # Before Ray starts, or is even imported: a storage nothing can be written to.
+    _check_storage(
+        args.storage or spec.storage, spec.name, "--storage" if args.storage else "storage"
+    )
     from gvae.study import compat  # noqa: F401  first: it sets what Ray reads at its import
     from gvae.study.ray_start import RayStart
     from gvae.study.resources import check_devices
@@ -121,6 +126,25 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
             return _run_and_summarise(spec, raw, args, ray_start)
     finally:  # also after bad input found once Ray began starting
         ray_start.close()
+
+
+def _check_storage(storage: str, name: str, key: str) -> None:
+    """Refuse a local storage where the study's folder cannot be made or written (a file in the
+    way, no permission, a read-only disk), leaving nothing behind; URIs (s3://) are left to the
+    driver, whose filesystem reports an unreachable bucket."""
+    if "://" in storage:
+        return
+    folder = Path(study_uri(storage, name))
+    try:
+        probe_writable(folder)
+    except OSError as error:
+        blocker = next(part for part in [folder, *folder.parents] if os.path.lexists(part))
+        reason = f"{blocker} is not a folder" if not blocker.is_dir() else error.strerror
+        fix = "pass a --storage folder you can write"
+        if key == "storage":
+            fix = "set storage to a folder you can write, or pass --storage"
+        message = f"{key}: cannot write the study folder {folder} ({reason}); {fix}"
+        raise GvaeError(message) from None
 
 
 @contextlib.contextmanager

@@ -45,6 +45,14 @@ SEARCHABLE |= {"device"}  # e.g. a grid over cpu and cuda to compare throughput
 # every scalar, which an Optuna objective or the ASHA scheduler may name.
 EVALUATION_METRICS = names.EVALUATION_METRICS
 METRICS = names.METRIC_NAMES
+# A study's name is its folder under the storage and Ray Tune's experiment name: a plain folder
+# name that reads the same in a shell, a URI and on every file system.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_CHARACTERS = "letters, digits, '-', '_' and '.' (not first)"
+NAME_MAX = 100
+# Past these an Optuna study cannot finish (as the per-trial limits in gvae.config.LIMITS).
+MAX_SUGGESTIONS = 100_000
+MAX_REPLICATES = 1000
 
 
 @dataclass(frozen=True)
@@ -149,18 +157,35 @@ def read_yaml(text: str) -> Any:
 
 def load_study(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
+    return parse_study(read_study_file(path))
+
+
+def read_study_file(path: str | Path) -> Any:
+    """The parsed YAML of a study file (not yet validated); GvaeError when it cannot be read."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise GvaeError(
             f"study file: {path} does not exist; pass the path of a studies/*.yaml file"
         )
+    if not path.is_file():
+        raise GvaeError(f"study file: {path} is not a file; pass the path of a studies/*.yaml file")
     try:
-        data = read_yaml(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise GvaeError(
+            f"study file: {path} is not a text file (byte {error.start} is not UTF-8); "
+            "pass a YAML study file such as studies/quick.yaml"
+        ) from None
+    except OSError as error:
+        raise GvaeError(
+            f"study file: cannot read {path} ({error.strerror}); pass a file you can read"
+        ) from None
+    try:
+        return read_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise GvaeError(f"study file: {path} is not valid YAML{where}; fix the syntax") from None
-    return parse_study(data)
 
 
 def parse_study(data: Any) -> StudySpec:
@@ -169,9 +194,7 @@ def parse_study(data: Any) -> StudySpec:
     for key in REQUIRED:
         if key not in data:
             raise GvaeError(f"{key}: missing; add it to the study file (see README, Study files)")
-    name = _typed(data, "name", str)
-    if not name or "/" in name or name.startswith("."):
-        raise GvaeError("name: must be a plain folder name; use letters, digits, - or _")
+    name = _name(_typed(data, "name", str))
     models = tuple(_models(data["models"]))
     fixed = _fixed(data.get("fixed") or {})
     search_type, grid, space, trials, objectives, replicates = _search(data["search"])
@@ -231,6 +254,38 @@ def _validate_pack(spec: StudySpec) -> None:
             raise GvaeError("resources.pack: only mlp nets pack; set arch: mlp or use pack 1")
 
 
+def _name(name: str) -> str:
+    """The study name, refused unless it is a plain folder name (NAME_PATTERN)."""
+    if name in (".", ".."):
+        where = "the storage folder itself" if name == "." else "the folder above the storage"
+        raise GvaeError(
+            f"name: {name!r} is {where}, not a study folder inside it; name the study with "
+            f"{NAME_CHARACTERS}, e.g. lam_sweep"
+        )
+    if not name:
+        raise GvaeError(f"name: empty; name the study with {NAME_CHARACTERS}, e.g. lam_sweep")
+    if len(name) > NAME_MAX:
+        raise GvaeError(f"name: {len(name)} characters long; shorten it to {NAME_MAX} at most")
+    if not NAME_PATTERN.fullmatch(name):
+        if name[0] in "._-":
+            problem = f"starts with {name[0]!r}"
+        else:
+            bad = next(c for c in name if not re.fullmatch(r"[A-Za-z0-9._-]", c))
+            problem = "has a space" if bad == " " else f"has {bad!r}"
+        raise GvaeError(
+            f"name: {name!r} {problem}, which a study name may not (it names the study's folder "
+            f"and its Ray Tune experiment); use only {NAME_CHARACTERS}"
+        )
+    return name
+
+
+def _once_each(values: list[Any], key: str, what: str) -> None:
+    """Refuse a list that names a value twice: the same trial would run twice."""
+    repeated = [value for index, value in enumerate(values) if value in values[:index]]
+    if repeated:
+        raise GvaeError(f"{key}: {repeated[0]!r} is listed twice; list each {what} once")
+
+
 def _require_mapping(value: Any, key: str) -> None:
     if not isinstance(value, dict):
         raise GvaeError(f"{key}: expected a mapping of keys to values, got {type(value).__name__}")
@@ -260,11 +315,16 @@ def _positive(
         return default
     value = data[key]
     wanted = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, wanted) or not math.isfinite(value):
-        raise GvaeError(f"{prefix}{key}: expected a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise GvaeError(f"{prefix}{key}: must be {bound} (got {value!r}); pass a value {bound}")
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise GvaeError(
+            f"{prefix}{key}: expected {'an integer' if integer else 'a number'}, got {value!r}"
+        )
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        number = "a value" if integer else "a finite number"
+        raise GvaeError(
+            f"{prefix}{key}: must be {number} {bound} (got {value!r}); pass {number} {bound}"
+        )
     return value
 
 
@@ -276,6 +336,7 @@ def _models(value: Any) -> list[str]:
     for model in value:
         if model not in MODEL_NAMES:
             raise GvaeError(f"models: unknown model {model!r}; use any of {', '.join(MODEL_NAMES)}")
+    _once_each(value, "models", "model")
     return value
 
 
@@ -284,8 +345,7 @@ def _datasets(value: Any, search_type: str) -> list[str]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise GvaeError(f"dataset: expected a dataset name or a list of names, got {value!r}")
-    if len(set(names)) < len(names):
-        raise GvaeError(f"dataset: {value!r} names a dataset twice; list each once")
+    _once_each(names, "dataset", "dataset")
     if len(names) > 1 and search_type != "grid":
         raise GvaeError(
             "dataset: an Optuna study searches one dataset; name one, or run a study per dataset"
@@ -311,11 +371,7 @@ def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...], i
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise GvaeError(f"search.grid.{key}: expected a non-empty list of values")
-            repeated = [value for index, value in enumerate(values) if value in values[:index]]
-            if repeated:  # the same trial twice; as seeds of a pack, one member twice
-                raise GvaeError(
-                    f"search.grid.{key}: {repeated[0]!r} is listed twice; list each value once"
-                )
+            _once_each(values, f"search.grid.{key}", "value")  # as pack seeds: one member twice
         return "grid", dict(grid), {}, 1, (), 1
     optuna = search["optuna"]
     _require_mapping(optuna, "search.optuna")
@@ -324,11 +380,17 @@ def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...], i
         if key not in optuna:
             raise GvaeError(f"search.optuna.{key}: missing; see README, Study files")
     trials = _typed(optuna, "trials", int, "search.optuna.")
-    if trials <= 0:
-        raise GvaeError("search.optuna.trials: must be > 0; pass the number of trials to run")
+    if not 0 < trials <= MAX_SUGGESTIONS:
+        raise GvaeError(
+            f"search.optuna.trials: must be from 1 to the limit of {MAX_SUGGESTIONS} suggestions "
+            f"(got {trials}); pass the number of suggestions to try"
+        )
     replicates = int(_positive(optuna, "replicates", 1, "search.optuna.", integer=True))
-    if replicates < 1:
-        raise GvaeError("search.optuna.replicates: must be >= 1; pass the seeds per suggestion")
+    if not 0 < replicates <= MAX_REPLICATES:
+        raise GvaeError(
+            f"search.optuna.replicates: must be from 1 to the limit of {MAX_REPLICATES} seeds "
+            f"(got {replicates}); pass the seeds per suggestion"
+        )
     space, objectives = _space(optuna["space"]), _objectives(optuna["objectives"])
     return "optuna", {}, space, trials, objectives, replicates
 
@@ -345,22 +407,34 @@ def _space(space: Any) -> dict[str, Range | list[Any]]:
     for key, value in space.items():
         prefix = f"search.optuna.space.{key}"
         if isinstance(value, list) and value:
+            _once_each(value, prefix, "choice")  # twice: Optuna would draw it twice as often
             parsed[key] = value
             continue
         _require_mapping(value, prefix)
         _reject_unknown(value, {"low", "high", "log"}, prefix + ".")
         if "low" not in value or "high" not in value:
             raise GvaeError(f"{prefix}: needs low and high (or a list of values)")
-        low = _typed(value, "low", float, prefix + ".")
-        high = _typed(value, "high", float, prefix + ".")
+        low, high = (_finite(value, bound, prefix + ".") for bound in ("low", "high"))
         log = bool(value.get("log", False))
         if low > high:
             raise GvaeError(f"{prefix}.low: {low} is above high ({high}); swap them")
         if log and low <= 0:
-            raise GvaeError(f"{prefix}.low: must be > 0 on a log scale (got {low})")
+            raise GvaeError(
+                f"{prefix}.low: must be a finite number > 0 on a log scale (got {low}); "
+                "pass a low > 0 or drop log"
+            )
         integer = key in {"seed", "batch_size", "n_critic"}
         parsed[key] = Range(low, high, log, integer)
     return parsed
+
+
+def _finite(data: dict, key: str, prefix: str) -> float:
+    value = _typed(data, key, float, prefix)
+    if not math.isfinite(value):
+        raise GvaeError(
+            f"{prefix}{key}: must be a finite number (got {value!r}); pass a finite number"
+        )
+    return value
 
 
 def _objectives(objectives: Any) -> tuple[Objective, ...]:
