@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +109,7 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     _check_storage(
         args.storage or spec.storage, spec.name, "--storage" if args.storage else "storage"
     )
-    from gvae.study import compat  # noqa: F401  first: it sets what Ray reads at its import
+    from gvae.study import compat  # first: it sets what Ray reads at its import
     from gvae.study.ray_start import RayStart
     from gvae.study.resources import check_devices
 
@@ -122,7 +118,7 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     # A local Ray starts meanwhile the driver imports torch and loads the data and evaluator.
     ray_start = RayStart.begin(args.address)
     try:
-        with _sigterm_interrupts():
+        with compat.sigterm_interrupts():
             return _run_and_summarise(spec, raw, args, ray_start)
     finally:  # also after bad input found once Ray began starting
         ray_start.close()
@@ -145,20 +141,6 @@ def _check_storage(storage: str, name: str, key: str) -> None:
             fix = "set storage to a folder you can write, or pass --storage"
         message = f"{key}: cannot write the study folder {folder} ({reason}); {fix}"
         raise GvaeError(message) from None
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (`ray job stop`, Kubernetes, Slurm) stops the study as Ctrl-C does: Tune saves its
-    state, the driver prints how far the study got, and exits 130; a second one skips the save."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_and_summarise(

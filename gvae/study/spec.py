@@ -7,6 +7,7 @@ The whole file is checked before Ray starts; every problem is one GvaeError line
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from gvae.errors import GvaeError
 from gvae.study.packs import pack_points
 
 TOP_KEYS = {
+    "tracking",
     "name",
     "description",
     "dataset",
@@ -103,6 +105,8 @@ class StudySpec:
     scheduler: Scheduler | None = None
     storage: str = "results"
     description: str = ""
+    tracking: dict[str, dict[str, Any]] = field(default_factory=dict)  # tracker -> its options
+    optuna_storage: str | None = None  # an RDB URL for the Optuna study; None: a journal file
 
     def base_config(self) -> dict[str, Any]:
         """Trial fields shared by every trial of the study."""
@@ -222,10 +226,53 @@ def parse_study(data: Any) -> StudySpec:
         max_failures=int(_positive(data, "max_failures", 2, "", integer=True)),
         scheduler=_scheduler(data.get("scheduler")),
         storage=str(data.get("storage", "results")),
+        tracking=_tracking(data.get("tracking") or {}),
+        optuna_storage=_optuna_storage(data["search"]),
     )
     _validate_trials(spec)
     _validate_pack(spec)
     return spec
+
+
+RDB_SCHEMES = ("sqlite://", "postgresql", "mysql")
+
+
+def _optuna_storage(search: dict[str, Any]) -> str | None:
+    """An Optuna search's RDB storage URL, when the study file names one."""
+    url = (search.get("optuna") or {}).get("storage")
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.startswith(RDB_SCHEMES):
+        raise GvaeError(
+            "search.optuna.storage: expected a database URL (sqlite:///study.db, "
+            f"postgresql://..., mysql://...), got {url!r}; leave it out for a journal file"
+        )
+    return url
+
+
+# Trackers a study can send its trials to, through Ray Tune's callbacks: their options, and
+# the extra that installs each.
+TRACKERS = {
+    "mlflow": ({"tracking_uri", "experiment"}, "mlflow", "mlflow"),
+    "wandb": ({"project", "entity", "group", "mode"}, "wandb", "wandb"),
+}
+
+
+def _tracking(data: Any) -> dict[str, dict[str, Any]]:
+    _require_mapping(data, "tracking")
+    _reject_unknown(data, set(TRACKERS), "tracking.")
+    tracking = {}
+    for name, options in data.items():
+        options = options or {}
+        _require_mapping(options, f"tracking.{name}")
+        keys, module, extra = TRACKERS[name]
+        _reject_unknown(options, keys, f"tracking.{name}.")
+        if importlib.util.find_spec(module) is None:
+            raise GvaeError(
+                f"tracking.{name}: {module} is not installed; pip install -e '.[{extra}]'"
+            )
+        tracking[name] = {key: str(value) for key, value in options.items()}
+    return tracking
 
 
 def _validate_pack(spec: StudySpec) -> None:
@@ -375,7 +422,9 @@ def _search(search: Any) -> tuple[str, dict, dict, int, tuple[Objective, ...], i
         return "grid", dict(grid), {}, 1, (), 1
     optuna = search["optuna"]
     _require_mapping(optuna, "search.optuna")
-    _reject_unknown(optuna, {"trials", "objectives", "space", "replicates"}, "search.optuna.")
+    _reject_unknown(
+        optuna, {"trials", "objectives", "space", "replicates", "storage"}, "search.optuna."
+    )
     for key in ("trials", "objectives", "space"):
         if key not in optuna:
             raise GvaeError(f"search.optuna.{key}: missing; see README, Study files")
