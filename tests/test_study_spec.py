@@ -380,3 +380,24 @@ def test_writable_storage_passes_the_check_and_is_left_as_it_was(tmp_path, monke
         Path("kept/notes.txt"),
         Path("study.yaml"),
     ]
+
+
+def test_tracking_comes_from_the_study_file_or_the_mlflow_flag_and_needs_its_extra(monkeypatch):
+    import importlib.util
+
+    from gvae.study.spec import with_mlflow
+
+    spec = load_study("studies/quick.yaml")
+    tracked = with_mlflow(spec, "sqlite:///mlflow.db")
+    assert tracked.tracking == {
+        "mlflow": {"experiment": "quick", "tracking_uri": "sqlite:///mlflow.db"}
+    }
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "mlflow" else found(name)
+    )
+    with pytest.raises(GvaeError, match=r"^tracking\.mlflow: mlflow is not installed; pip "):
+        with_mlflow(spec, "sqlite:///mlflow.db")
+    raw = {**yaml.safe_load(open("studies/quick.yaml")), "tracking": {"wandb": {"project": "p"}}}
+    with pytest.raises(GvaeError, match=r"^tracking\.wandb: wandb is not installed"):
+        parse_study(raw)

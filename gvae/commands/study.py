@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from gvae.errors import GvaeError
 from gvae.io import probe_writable
 from gvae.study.results import ResultsStore, study_uri
-from gvae.study.spec import load_study, read_study_file
+from gvae.study.spec import load_study, read_study_file, with_mlflow
 
 if TYPE_CHECKING:
     from gvae.study.ray_start import RayStart
@@ -83,6 +83,13 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         "died; a dead driver's hold lapses by itself 60 s after its last heartbeat)",
     )
     parser.add_argument(
+        "--mlflow",
+        metavar="TRACKING_URI",
+        default=None,
+        help="log each trial as an MLflow run there (e.g. sqlite:///mlflow.db; needs "
+        "pip install -e '.[mlflow]'), as tracking.mlflow in the study file does",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="show Ray Tune's own status tables and trial results instead of one line per trial",
@@ -105,6 +112,8 @@ def _resume(args: argparse.Namespace) -> int:
 def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
     """Exit status: 0 every trial ended with a result (finished, diverged, stopped), 1 some
     failed after their retries, 2 bad input (GvaeError, in gvae.cli), 130 interrupted."""
+    if args.mlflow:
+        spec = with_mlflow(spec, args.mlflow)
     # Before Ray starts, or is even imported: a storage nothing can be written to.
     _check_storage(
         args.storage or spec.storage, spec.name, "--storage" if args.storage else "storage"

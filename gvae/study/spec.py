@@ -10,7 +10,7 @@ import dataclasses
 import importlib.util
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,14 @@ def _tracking(data: Any) -> dict[str, dict[str, Any]]:
             )
         tracking[name] = {key: str(value) for key, value in options.items()}
     return tracking
+
+
+def with_mlflow(spec: StudySpec, tracking_uri: str) -> StudySpec:
+    """The spec with its trials sent to MLflow at `tracking_uri` (`--mlflow`), in an experiment
+    named after the study unless the study file names one."""
+    options = {"experiment": spec.name, **spec.tracking.get("mlflow", {})}
+    options["tracking_uri"] = tracking_uri
+    return replace(spec, tracking={**spec.tracking, **_tracking({"mlflow": options})})
 
 
 def _validate_pack(spec: StudySpec) -> None:
