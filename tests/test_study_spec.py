@@ -398,6 +398,6 @@ def test_tracking_comes_from_the_study_file_or_the_mlflow_flag_and_needs_its_ext
     )
     with pytest.raises(GvaeError, match=r"^tracking\.mlflow: mlflow is not installed; pip "):
         with_mlflow(spec, "sqlite:///mlflow.db")
-    raw = {**yaml.safe_load(open("studies/quick.yaml")), "tracking": {"wandb": {"project": "p"}}}
+    raw = {**yaml.safe_load(Path("studies/quick.yaml").read_text()), "tracking": {"wandb": {}}}
     with pytest.raises(GvaeError, match=r"^tracking\.wandb: wandb is not installed"):
         parse_study(raw)
