@@ -25,7 +25,7 @@ LIMITS = {
     "iterations": (10**9, "iterations a trial may train"),
     "eval_every": (10**9, "iterations between evaluations"),
     "eval_samples": (10**6, "samples an evaluation may generate"),
-    "batch_size": (2**16, "images a batch may hold"),
+    "batch_size": (10**8, "images a batch may hold"),  # 300 GB of 28x28 floats
     "n_critic": (1000, "critic steps per iteration"),
     "seed": (2**32 - 1, "(seeds are 32-bit numbers)"),
 }

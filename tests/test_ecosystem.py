@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from html import escape as html_escape
 from pathlib import Path
 
 import optuna
@@ -169,4 +170,4 @@ def test_the_report_draws_optunas_own_plots_from_the_journal(study, tmp_path):
     for name in ("optuna_history_mode_entropy.png", "optuna_pareto_front.png"):
         assert name in written, sorted(written)
     html = (tmp_path / "report" / "eco" / "report.html").read_text()
-    assert "Optuna's Pareto front" in html
+    assert html_escape("Optuna's Pareto front") in html

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import replace
 
+import pyarrow as pa
 import pytest
 
 from gvae.errors import GvaeError
@@ -193,15 +194,18 @@ def test_tables_read_while_the_driver_rewrites_them_on_s3(s3):
     from gvae.study.results import FragmentedTable
 
     store = ResultsStore(study_uri(storage(s3), "racing"))
-    table = FragmentedTable(store, TRIALS)
-    table.open()
+    schema = pa.schema([("trial_id", pa.string()), ("status", pa.string())])
+    table = FragmentedTable(store, TRIALS, schema)
+    table.open_for_writing()
     stop = threading.Event()
     writes = []
 
-    def rewrite() -> None:  # the driver: one trial's fragment and the schema keep changing size
+    def rewrite() -> None:  # a trial: its fragment and the schema file keep changing size
         while not stop.is_set():
             n = len(writes)
-            table.write_trial("t0", [{"trial_id": "t0", "status": "running", f"c{n}": [0.5] * n}])
+            table.write_trial("t0", [{"trial_id": "t0", "status": "running" + "." * n}])
+            wider = pa.schema([*schema, *([("c", pa.float64())] if n % 2 else [])])
+            store.put(f"{TRIALS}/00-schema.parquet", wider.empty_table())
             writes.append(n)
 
     writer = threading.Thread(target=rewrite)

@@ -243,8 +243,8 @@ def test_iterations_past_the_limit_are_refused_with_the_limit(refused):
         "gvae: error: fixed.eval_samples: 10000000 is more than the limit of 1000000 samples an "
         "evaluation may generate; pass a value from 1 to 1000000"
     )
-    assert refused(changed(VALID, "search.grid", {"batch_size": [64, 10**5]})).startswith(
-        "gvae: error: search.grid.batch_size: 100000 is more than the limit of 65536 images"
+    assert refused(changed(VALID, "search.grid", {"batch_size": [64, 10**9]})).startswith(
+        "gvae: error: search.grid.batch_size: 1000000000 is more than the limit of 100000000 images"
     )
     assert refused(changed(OPTUNA, "search.optuna.trials", 10**13)) == (
         "gvae: error: search.optuna.trials: must be from 1 to the limit of 100000 suggestions "
