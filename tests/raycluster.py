@@ -90,7 +90,8 @@ class LocalRayCluster:
         family = self.processes()
         for process in family:
             _signal(process, "terminate")
-        _, alive = psutil.wait_procs(family, timeout=10)
+        # Ray's agents ignore SIGTERM: a short grace, then they are killed.
+        _, alive = psutil.wait_procs(family, timeout=3)
         for process in alive:
             _signal(process, "kill")
 

@@ -116,7 +116,8 @@ def test_a_corrupt_table_fragment_is_named_in_one_line_and_rebuilt(cluster, tmp_
         if table == "schema" or (table == "curves" and command[0] == "study"):
             continue  # no rows in the schema file, and status reads no curves
         assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
-        assert str(cut) in lines[0] and "gvae study repair frag" in lines[0], lines[0]
+        assert str(cut) in lines[0], lines[0]
+        assert f"`gvae study repair frag --storage {tmp_path}`" in lines[0], lines[0]
 
     output = run_to_the_end(cluster, "frag", tmp_path)
     assert "Traceback" not in output, output[-3000:]

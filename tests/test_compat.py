@@ -17,47 +17,6 @@ from ray.tune.search.optuna import OptunaSearch as RayOptunaSearch
 
 from gvae.study import compat
 
-# ray.init on a thread, with and without the workaround; prints the warnings Ray's worker logged.
-INIT_OFF_THE_MAIN_THREAD = """
-import logging, sys, threading
-import ray
-from gvae.study import compat
-
-records = []
-handler = logging.Handler()
-handler.emit = lambda record: records.append(record.getMessage())
-logging.getLogger(compat.RAY_WORKER_LOGGER).addHandler(handler)
-
-def start():
-    if sys.argv[1] == "held":
-        with compat.off_main_thread_ray_init():
-            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-
-thread = threading.Thread(target=start)
-thread.start()
-thread.join()
-ray.shutdown()
-print([message for message in records if "SIGTERM" in message])
-"""
-
-
-def warnings_of_ray_init_off_the_main_thread(mode: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", INIT_OFF_THE_MAIN_THREAD, mode],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
-
-
-def test_ray_init_off_the_main_thread_warns_of_sigterm_on_the_logger_compat_holds():
-    assert "SIGTERM handler is not set" in warnings_of_ray_init_off_the_main_thread("plain")
-    assert warnings_of_ray_init_off_the_main_thread("held") == "[]"
-
 
 def test_the_plain_output_engine_is_chosen_by_tunes_environment_variable(monkeypatch):
     from ray.tune.experimental.output import get_air_verbosity

@@ -75,17 +75,16 @@ def test_killed_and_resumed_study_records_the_same_tables_as_a_straight_run(
         assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
         assert set(curves.trial_id) == set(trials.trial_id)
 
-    # What a person reads: one line per Tune trial (a pack's one) and no Tune tables.
+    # What a person reads: one line per Tune trial (a pack's one) and no Tune tables; the
+    # counts are of the tables' trials, a pack's members each once.
     runs = 4 // pack
     lines = straight_output.splitlines()
     ended = [line for line in lines if " finished " in line and line.startswith("[")]
     models = sorted(line.split()[2] for line in ended)
     assert len(ended) == runs and models == ["gan"] * (runs // 2) + ["vae"] * (runs // 2)
-    assert ended[-1].startswith(f"[{runs}/{runs}] finished ")
+    assert [line.split()[0] for line in ended] == [f"[{k * pack}/4]" for k in range(1, runs + 1)]
     assert not any("╭" in line or "│" in line for line in lines)
-    assert any(
-        line.startswith(f"[{runs}/{runs}] {runs} done  0 running  0 pending") for line in lines
-    )
+    assert any(line.startswith("[4/4] 4 done  0 running  0 pending") for line in lines)
 
 
 def run_killed_and_resumed(cluster: LocalRayCluster, study: Path, storage: Path) -> None:
@@ -133,6 +132,7 @@ class FakeTrial:
     status: str = "PENDING"
     last_result: dict[str, Any] = field(default_factory=dict)
     error_file: str | None = None  # Tune's local error file; get_error reads storage
+    metric_analysis: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def get_error(self) -> str:
         return "Traceback ...\nRuntimeError: worker died"
@@ -362,3 +362,50 @@ def test_the_eta_counts_down_between_trial_ends(monkeypatch):
     assert progress.progress_line().endswith("2m30s elapsed  ETA 2m30s")
     now[0] += 600.0
     assert progress.progress_line().endswith("12m30s elapsed  ETA 0s")
+
+
+def test_the_progress_counts_a_packs_members_as_the_tables_do():
+    out = io.StringIO()
+    progress = ConsoleProgress(5, params=("model", "seeds", "seed"), stream=out, log_every=0)
+    progress.setup()
+    config = {"model": "vae", "iterations": 60}
+    pack = FakeTrial("abcde_00000", {**config, "seeds": "0,1"}, status="RUNNING")
+    lone = FakeTrial("abcde_00001", {**config, "seed": 2}, status="RUNNING")
+    trials = [pack, lone]  # and a pack of 2 the searcher has not created yet
+    progress.on_step_begin(0, trials)
+    progress.on_step_end(0, trials)
+    assert out.getvalue().startswith("[0/5] 0 done  3 running  2 pending  0 failed  0 diverged")
+
+    pack.last_result = Outcome(Status.DIVERGED, "every member diverged", 7).result()
+    progress.on_trial_complete(0, trials, pack)
+    pack.status = "TERMINATED"
+    lone.last_result = {"iteration": 60, "mode_entropy": 1.5}
+    progress.on_trial_complete(0, trials, lone)
+    lone.status = "TERMINATED"
+    later = FakeTrial("abcde_00002", {**config, "seeds": "3,4"}, status="TERMINATED")
+    later.last_result = {"iteration": 60, "mode_entropy": 1.7}
+    trials.append(later)
+    progress.on_trial_complete(0, trials, later)
+    progress.on_experiment_end(trials)
+    lines = out.getvalue().splitlines()[1:]
+    assert [line.split("  ")[0] for line in lines[:3]] == [
+        "[2/5] diverged vae seeds=0,1",
+        "[3/5] finished vae seed=2",
+        "[5/5] finished vae seeds=3,4",
+    ]
+    assert lines[3].startswith("[5/5] 3 done  0 running  0 pending  0 failed  2 diverged")
+
+
+def test_a_resumed_studys_progress_keeps_the_best_of_its_earlier_run():
+    progress = ConsoleProgress(3, objective=("frechet_distance", "min"), stream=io.StringIO())
+    progress.setup()
+    ended, diverged, fresh = trial(0), trial(1), trial(2)
+    ended.status = diverged.status = "TERMINATED"
+    ended.metric_analysis = {"frechet_distance": {"max": 40.0, "min": 12.5, "last": 12.5}}
+    nan = float("nan")
+    diverged.metric_analysis = {"frechet_distance": {"max": nan, "min": nan, "last": nan}}
+    progress.on_step_begin(0, [ended, diverged, fresh])
+    assert progress.best == (12.5, "vae seed=0")
+    fresh.last_result = {"iteration": 20, "frechet_distance": 20.0}
+    progress.on_trial_result(0, [ended, diverged, fresh], fresh, fresh.last_result)
+    assert progress.progress_line().endswith("best frechet_distance 12.500 (vae seed=0)")

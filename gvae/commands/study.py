@@ -124,7 +124,6 @@ def _execute(spec: Any, raw: dict[str, Any], args: argparse.Namespace) -> int:
 
     # Before any Ray starts (imports torch only for a study that asks for a GPU).
     check_devices(spec, local=not (args.address or os.environ.get("RAY_ADDRESS")))
-    # A local Ray starts meanwhile the driver imports torch and loads the data and evaluator.
     ray_start = RayStart.begin(args.address)
     try:
         with compat.sigterm_interrupts():

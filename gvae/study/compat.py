@@ -31,40 +31,13 @@ from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
 
-# `ray.init` logs its SIGTERM warning through this logger (ray/_private/worker.py).
-RAY_WORKER_LOGGER = "ray._private.worker"
-
-
-@contextlib.contextmanager
-def off_main_thread_ray_init() -> Iterator[None]:
-    """Around `ray.init` on a thread other than the main one (gvae.study.ray_start starts a local
-    Ray while the driver loads torch and the data).
-
-    Off the main thread Ray installs no SIGTERM handler and warns that it did not, on every
-    study. gvae handles SIGTERM itself (gvae.commands.study: SIGTERM interrupts the study as
-    Ctrl-C does), so the warning says nothing a user can act on. Ray has no option to start
-    without it (its handler moved into ray.init, main thread only, in ray-project/ray PR 39482;
-    issue 58283 discusses handlers off the main thread), so its logger is held at ERROR while
-    ray.init runs there.
-    """
-    if threading.current_thread() is threading.main_thread():
-        yield
-        return
-    logger = logging.getLogger(RAY_WORKER_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
 
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (`ray job stop`, Kubernetes, Slurm) stops the study as Ctrl-C does: Tune saves its
     state, the driver prints how far the study got and exits 130; a second one skips the save.
 
-    `ray.init` on the main thread (a driver that joins a cluster) installs Ray's own SIGTERM
+    `ray.init` (on the main thread, where a driver runs it) installs Ray's own SIGTERM
     handler, which exits the process at once (`sys.exit`) and so skips Tune's last save: the
     driver enters this again around `tune.run`, after Ray started, and the previous handler is
     put back when it leaves.

@@ -367,7 +367,8 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
         objective, params = (first.metric, first.mode), ("model", *spec.space, *seeds)
     if spec.pack > 1:  # Tune's trials are packs, which show their seeds
         params = tuple(SEEDS if key == "seed" else key for key in params)
-    return ConsoleProgress(spec.tune_trial_count, objective=objective, params=params)
+    # Counted as the tables count trials: a pack's members each once.
+    return ConsoleProgress(spec.trial_count, objective=objective, params=params)
 
 
 def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:

@@ -3,7 +3,8 @@
 On a terminal the progress line is redrawn in place (carriage return, erase line) and trial lines
 scroll above it; in a log (stdout not a terminal) the progress line is printed as plain text once
 every `log_every` seconds, so a study of N trials prints about N lines. Tune's own tables are
-only shown with `--verbose`.
+only shown with `--verbose`. Every count is of trials as the tables count them: a pack (one Tune
+trial of K seeds, gvae.study.packs) counts K, and its one line advances the counter by K.
 
     [ 12/400]  12 done  2 running  386 pending  0 failed  0 diverged  1m02s elapsed  ETA 33m40s  best mode_entropy 2.213 (vae seed=3)
     [ 13/400] finished vae seed=4  mode_entropy 2.101  mean_image_entropy 0.734  0.4 s
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from gvae.study.outcome import NOTICE_KEY, Outcome, Status, is_finite_number, trial_error
+from gvae.study.packs import is_pack, seeds_of
 
 ERASE = "\r\x1b[K"
 SHOWN_METRICS = ("mode_entropy", "mean_image_entropy", "frechet_distance")
@@ -32,7 +34,7 @@ class ConsoleProgress(Callback):
 
     def __init__(
         self,
-        total: int,
+        total: int,  # trials as the tables count them: each pack member once
         objective: tuple[str, str] = ("mode_entropy", "max"),
         params: tuple[str, ...] = ("model", "seed"),
         stream: TextIO | None = None,
@@ -81,12 +83,15 @@ class ConsoleProgress(Callback):
             self._emit(
                 f"{self._counter()} note {self._describe(trial)}  {result[NOTICE_KEY]}", True
             )
-        value = result.get(self.metric)
-        if is_finite_number(value) and (self.best is None or self._better(value, self.best[0])):
-            self.best = (float(value), self._describe(trial))
+        self._note_best(result.get(self.metric), trial)
 
-    def _better(self, value: float, than: float) -> bool:
-        return value > than if self.mode == "max" else value < than
+    def _note_best(self, value: Any, trial: Any) -> None:
+        if not is_finite_number(value):
+            return
+        if self.best is None or (
+            value > self.best[0] if self.mode == "max" else value < self.best[0]
+        ):
+            self.best = (float(value), self._describe(trial))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_line(trials, trial, _outcome(trial))
@@ -104,6 +109,11 @@ class ConsoleProgress(Callback):
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if self.ended_before is None:  # trials a resumed study's saved state says have ended
             self.ended_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+            # A resumed study's restored trials report nothing again: their best results so far
+            # are in Tune's per-metric summary of all they reported.
+            for trial in trials:
+                summary = trial.metric_analysis.get(self.metric) or {}
+                self._note_best(summary.get(self.mode), trial)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if time.monotonic() - self.last_drawn >= self.log_every:
@@ -127,7 +137,8 @@ class ConsoleProgress(Callback):
 
     def _trial_line(self, trials: list, trial: Any, outcome: Outcome) -> None:
         status = outcome.status.value
-        self.ended_this_run += 1
+        size = _members(trial)
+        self.ended_this_run += size  # the ETA's pace is per member, as `remaining` is
         self.last_end = time.monotonic()
         self.final[trial.trial_id] = status
         # Counted on from the last full count: recounting every trial at every end would cost
@@ -135,10 +146,10 @@ class ConsoleProgress(Callback):
         if not self.counts:
             self._count(trials)
         else:
-            self.ended += 1
+            self.ended += size
             key = "done" if status in ("finished", "stopped") else status
-            self.counts[key] += 1
-            self.counts["running"] = max(self.counts["running"] - 1, 0)
+            self.counts[key] += size
+            self.counts["running"] = max(self.counts["running"] - size, 0)
         result = trial.last_result or {}
         metrics = "  ".join(
             f"{name} {result[name]:.3f}"
@@ -158,22 +169,25 @@ class ConsoleProgress(Callback):
 
     def _count(self, trials: list) -> None:
         counts = {"running": 0, "pending": 0, "failed": 0, "diverged": 0, "done": 0}
+        known = 0
         for trial in trials:
+            size = _members(trial)
+            known += size
             ended = self.final.get(trial.trial_id)
             if ended is not None:  # Tune sets the status after calling the hooks
-                counts["done" if ended in ("finished", "stopped") else ended] += 1
+                counts["done" if ended in ("finished", "stopped") else ended] += size
             elif trial.status == "RUNNING":
-                counts["running"] += 1
+                counts["running"] += size
             elif trial.status == "ERROR":
-                counts["failed"] += 1
+                counts["failed"] += size
             elif trial.status == "TERMINATED" and trial.trial_id not in (self.ended_before or ()):
-                counts["pending"] += 1  # stopped by an interrupt: it resumes with the study
+                counts["pending"] += size  # stopped by an interrupt: it resumes with the study
             elif trial.status == "TERMINATED":
                 ended = _outcome(trial).status.value
-                counts["done" if ended in ("finished", "stopped") else ended] += 1
+                counts["done" if ended in ("finished", "stopped") else ended] += size
             else:
-                counts["pending"] += 1
-        counts["pending"] += max(self.total - len(trials), 0)  # not created by the searcher yet
+                counts["pending"] += size
+        counts["pending"] += max(self.total - known, 0)  # not created by the searcher yet
         self.counts = counts
         self.ended = counts["done"] + counts["failed"] + counts["diverged"]
 
@@ -212,6 +226,11 @@ class ConsoleProgress(Callback):
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _members(trial: Any) -> int:
+    """How many rows of the tables a Tune trial is: a pack's seeds, else 1."""
+    return len(seeds_of(trial.config)) if is_pack(trial.config) else 1
 
 
 def _outcome(trial: Any) -> Outcome:

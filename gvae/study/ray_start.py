@@ -1,19 +1,15 @@
 """Starting or joining Ray for a study's driver.
 
-A local Ray takes seconds to start, and so does the driver's own setup (importing torch, loading
-the data and the evaluator); `RayStart.begin` starts a local Ray on a thread so that the two
-overlap. This module imports Ray alone, so `gvae study run` can call it before the slow imports.
+This module imports Ray alone, so `gvae study run` can make its RayStart before the slow imports
+(torch, the data) and bad input found meanwhile never starts Ray.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 
 import ray
-
-from gvae.study import compat
 
 
 class RayStart:
@@ -22,35 +18,21 @@ class RayStart:
 
     def __init__(self, address: str | None = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS")
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()  # the thread's ray.init returned
-        self._release = threading.Event()  # the thread may end: its Ray is down
-        self._error: BaseException | None = None
+        self.started_here = False
 
     @classmethod
     def begin(cls, address: str | None = None) -> RayStart:
-        """Start a local Ray on a thread now, when this process is to start one; `wait` joins it."""
-        start = cls(address)
-        if not start.address and not ray.is_initialized():
-            start._thread = threading.Thread(
-                target=start._start_and_hold, name="gvae-ray", daemon=True
-            )
-            start._thread.start()
-        return start
+        """The Ray the study will run on; nothing starts until `wait`."""
+        return cls(address)
 
     def wait(self, log: Callable[[str], None]) -> None:
         """Ray is up once this returns (started here, joined, or already running)."""
-        if self._thread is not None:
-            self._ready.wait()
-        elif ray.is_initialized():
+        if ray.is_initialized():
             return
-        elif self.address:
+        if self.address:
             log(f"joining the Ray cluster at {self.address}")
-            ray.init(address=self.address, log_to_driver=False)
-        else:
-            self._init_local()
-        if self._error is not None:
-            raise self._error
+        self.started_here = not self.address
+        ray.init(address=self.address, log_to_driver=False)
         resources = ray.cluster_resources()
         log(
             f"ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "
@@ -58,28 +40,8 @@ class RayStart:
         )
 
     def close(self) -> None:
-        """Stop the local Ray `begin` started (once it is up) and wait until it is down: when
-        the study is done, or will not run. Nothing to do for any other Ray."""
-        if self._thread is None:
-            return
-        self._ready.wait()
-        self._release.set()
-        self._thread.join()
-        self._thread = None
-
-    def _start_and_hold(self) -> None:
-        """ray.init on this thread, which then holds that Ray until `close` and stops it: Ray's
-        processes are set to die with the thread that started them (PR_SET_PDEATHSIG), not
-        with the process."""
-        self._init_local()
-        self._ready.set()
-        if self._error is None:
-            self._release.wait()
+        """Stop the local Ray `wait` started, once the study is done or will not run: at once,
+        rather than in Ray's exit hook. Nothing to do for any other Ray."""
+        if self.started_here:
             ray.shutdown()
-
-    def _init_local(self) -> None:
-        try:
-            with compat.off_main_thread_ray_init():
-                ray.init(log_to_driver=False)
-        except BaseException as error:  # raised again by wait, on the driver's thread
-            self._error = error
+            self.started_here = False

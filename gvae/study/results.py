@@ -230,11 +230,28 @@ class FragmentedTable:
             store.delete(self.name)
         elif store.kind(self.name) == pafs.FileType.File:
             store.fs.move(store.path(self.name), store.path(self._split))
-        else:
-            store.fs.create_dir(store.path(self.name), recursive=True)
+        elif store.kind(self.name) == pafs.FileType.Directory:
             self._widen(self._folder_schema())
             return
+        else:
+            self._create_folder()
+            return
         self._split_from(self._split)
+
+    def _create_folder(self) -> None:
+        """A new table folder, which appears with its schema file in it: `pd.read_parquet` of
+        an empty folder would see a table without columns. On local disks it is filled under a
+        hidden name and renamed (an object store has no folders to see empty)."""
+        store = self.store
+        if not store.local:
+            store.fs.create_dir(store.path(self.name), recursive=True)
+            self._widen(None)
+            return
+        staging = f".{self.name}.new"
+        store.delete(staging)
+        store.fs.create_dir(store.path(staging), recursive=True)
+        store.put(f"{staging}/{SCHEMA_FILE}", self.schema.empty_table())
+        store.fs.move(store.path(staging), store.path(self.name))
 
     def _folder_schema(self) -> pa.Schema | None:
         """The schema file's columns; None when it is missing or cut short (it is rewritten)."""
@@ -340,9 +357,12 @@ class UnreadableTable(GvaeError):
         parts = path.rstrip("/").split("/")
         table = next((i for i, part in enumerate(parts) if part.endswith(".parquet")), len(parts))
         study = parts[table - 1] if table > 0 else "NAME"
+        # A local path names its storage; an object store's path lacks the URI's scheme.
+        storage = "/".join(parts[: table - 1]) if path.startswith("/") else "URI"
+        options = f"{study} --storage {storage}"
         super().__init__(
-            f"storage: {path} cannot be read as Parquet; `gvae study repair {study}` (or "
-            f"`gvae study resume {study}`) rebuilds the tables from the trials' checkpoints"
+            f"storage: {path} cannot be read as Parquet; `gvae study repair {options}` (or "
+            f"`gvae study resume {options}`) rebuilds the tables from the trials' checkpoints"
         )
 
 

@@ -69,6 +69,7 @@ ARRAYS = {  # the last evaluation's per-image arrays, as `final_<name>`
     "samples_png": pa.string(),
 }
 HISTOGRAM = pa.list_(pa.float64())
+CURVE_KEYS = ("study", "trial_id", "model")  # what a curve row holds besides its evaluation
 
 
 def _config_columns() -> list[tuple[str, pa.DataType]]:
@@ -177,7 +178,7 @@ class MemberRows:
         return row
 
     def curve_rows(self, tables: Tables) -> list[dict[str, Any]]:
-        head = {"study": tables.study, "trial_id": self.row_id, "model": self.fields["model"]}
+        head = dict(zip(CURVE_KEYS, (tables.study, self.row_id, self.fields["model"]), strict=True))
         return [{**head, **point} for point in self.curve]
 
     def write(self, tables: Tables, store: ResultsStore, context: dict, timing: dict) -> None:

@@ -23,8 +23,10 @@ from gvae.evaluation import Evaluator
 from gvae.io import CHECKPOINT_FILE
 from gvae.study.outcome import NOTICE_KEY, Outcome, Status, is_finite_number
 from gvae.study.packs import is_pack, members
+from gvae.study.results import CURVES, TRIALS, FragmentedTable
 from gvae.study.tables import (
     ARRAYS,
+    CURVE_KEYS,
     RECORD_FILE,
     SUGGESTION,
     MemberRows,
@@ -122,6 +124,10 @@ def train_trial(
             record.notice = f"checkpoint {checkpoint.path} cannot be read; the trial starts over"
             resume_from = None
         if resume_from is not None:
+            finished = _finished_result(tables, record.rows)
+            if finished is not None:
+                tune.report({**finished, **context})
+                return
             record.restore(resume_from)
         record.write()
         try:
@@ -194,6 +200,29 @@ def mean_scalars(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if finite and name != "iteration":
             result[name] = sum(finite) / len(finite)
     return result
+
+
+def _finished_result(tables: Tables, rows: list[MemberRows]) -> dict[str, Any] | None:
+    """The last evaluation of a trial whose own rows say that every member finished, else None.
+
+    A driver killed after a trial's last write, before Tune's next snapshot of its state,
+    restores the trial from an older checkpoint; its rows already hold the whole run, so the
+    trial reports that run's last evaluation again instead of training its end twice."""
+    store = tables.store()
+    trials = FragmentedTable(store, TRIALS, tables.trials)
+    curves = FragmentedTable(store, CURVES, tables.curves)
+    last_points = []
+    try:
+        for row in rows:
+            stored = trials.read_trial(row.row_id)
+            curve = curves.read_trial(row.row_id)
+            if not stored or stored[0]["status"] != Status.FINISHED.value or not curve:
+                return None
+            last = max(curve, key=lambda point: point["iteration"])
+            last_points.append({k: v for k, v in last.items() if k not in CURVE_KEYS})
+    except (OSError, GvaeError):  # unreadable rows: the trial trains from its checkpoint
+        return None
+    return mean_scalars(last_points)
 
 
 def _divergence(error: Diverged) -> dict[str, Any]:
