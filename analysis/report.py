@@ -292,7 +292,7 @@ def _optuna_section(report: Report, study: Study) -> list[Block]:
 def _optuna_plots(report: Report, study: Study) -> list[Block]:
     """Optuna's own plots (history, parameter importances, Pareto front), drawn by
     optuna.visualization.matplotlib from the study's journal, where the study has one."""
-    loaded = suggestions.optuna_study(study.store, study.name)
+    loaded = suggestions.optuna_study(study.store, study.name, study.spec.optuna_storage)
     if loaded is None or not any(t.state.name == "COMPLETE" for t in loaded.trials):
         return []
     import optuna.visualization.matplotlib as plots

@@ -158,8 +158,13 @@ def ideal_corner_choice(front: pd.DataFrame, reference: pd.DataFrame, objectives
 JOURNAL = "optuna.journal"  # gvae.study.search.JOURNAL: that module pulls in Ray (seconds)
 
 
-def optuna_study(store: ResultsStore, name: str) -> optuna.Study | None:
-    """The Optuna study a study's search kept in its journal, or None when it has none."""
+def optuna_study(
+    store: ResultsStore, name: str, database: str | None = None
+) -> optuna.Study | None:
+    """The Optuna study a study's search kept in `database` (its `search.optuna.storage`) or
+    else in its journal, or None when it has none."""
+    if database is not None:
+        return optuna.load_study(study_name=name, storage=database)
     if not store.exists(JOURNAL):
         return None
     local = store.path(JOURNAL)

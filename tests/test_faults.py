@@ -7,15 +7,18 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
+import psutil
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -333,3 +336,33 @@ def test_failed_writes_leave_the_old_file_and_no_temporary_file(tmp_path):
         assert pd.read_parquet(mount / "t.parquet").a.tolist() == [1]  # the old table, whole
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_killed_driver_leaves_no_ray_process_and_no_ray_session_folder(tmp_path):
+    # A driver with a Ray of its own, killed as the OOM killer or `kill -9` would kill it.
+    ray_temp = Path(tempfile.mkdtemp(prefix="gvae-ray-", dir="/tmp"))  # short: Ray's sockets
+    study = write_study(
+        tmp_path, "orphans", models=["vae"], iterations=100_000, eval_every=1000, search=ONE
+    )
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study), "--storage"]
+    driver = subprocess.Popen(
+        [*command, str(tmp_path)],
+        env={**env, "RAY_TMPDIR": str(ray_temp)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: "running" in set(rows(tmp_path, "orphans").status))
+        ray = psutil.Process(driver.pid).children(recursive=True)
+        names = {process.name() for process in ray}
+        assert {"raylet", "gcs_server"} <= names and "ray::DashboardAgent" in names, names
+        assert list(ray_temp.glob("session_2*"))
+        driver.kill()
+        driver.wait()
+        _, alive = psutil.wait_procs(ray, timeout=30)
+        assert not alive, [process.name() for process in alive]
+        assert not list(ray_temp.glob("session_2*"))
+    finally:
+        driver.kill()
+        shutil.rmtree(ray_temp, ignore_errors=True)

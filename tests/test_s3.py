@@ -15,6 +15,7 @@ from dataclasses import replace
 import pyarrow as pa
 import pytest
 
+from analysis.suggestions import optuna_study
 from gvae.errors import GvaeError
 from gvae.study.lease import StudyLease
 from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
@@ -98,7 +99,9 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return process.returncode, output
 
 
-def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_path):
+def test_an_optuna_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_path):
+    search = {"optuna": {"trials": 2, "objectives": {"mode_entropy": "max"}}}
+    search["optuna"]["space"] = {"lr": {"low": 1e-4, "high": 1e-3, "log": True}}
     study = write_study(
         tmp_path,
         "ons3",
@@ -106,7 +109,7 @@ def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_pa
         iterations=1000,  # long enough that the kill lands in the second trial
         eval_every=250,
         concurrency=1,
-        search={"grid": {"seed": [0, 1]}},
+        search=search,
     )
     uri = storage(s3)
     store = ResultsStore(study_uri(uri, "ons3"))  # the tables, read back from the server
@@ -133,6 +136,12 @@ def test_a_study_on_s3_runs_resumes_after_a_kill_and_reports(cluster, s3, tmp_pa
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
     kept = trials.set_index("trial_id").loc[finished_before.index]
     assert (kept.wall_seconds == finished_before.wall_seconds).all()  # not re-run
+    # The journal the driver kept on its disk reached S3 with each snapshot: the resume read it
+    # back, and Optuna holds each suggestion once, complete with the trial's value.
+    journal = optuna_study(store, "ons3")
+    values = sorted(trial.value for trial in journal.trials if trial.state.name == "COMPLETE")
+    assert len(journal.trials) == 2
+    assert values == pytest.approx(sorted(trials.final_mode_entropy))
 
     report = tmp_path / "report"
     code, output = finish(gvae(cluster, "report", "ons3", "--storage", uri, "--out", str(report)))
@@ -220,3 +229,88 @@ def test_tables_read_while_the_driver_rewrites_them_on_s3(s3):
         stop.set()
         writer.join()
     assert len(writes) > 20  # the reads really did race many rewrites
+
+
+@pytest.fixture
+def own_s3_process(tmp_path):
+    """A moto S3 server in a process of its own, which SIGSTOP freezes as a hung store would."""
+    from tests.raycluster import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        keys = {"aws_access_key_id": "any", "aws_secret_access_key": "any"}  # none checked
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # not listening yet
+                assert time.monotonic() < deadline, "moto did not start"
+                time.sleep(0.3)
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+
+
+def test_a_store_that_stalls_is_waited_for_and_one_that_stays_away_stops_the_study_whole(
+    cluster, own_s3_process, tmp_path
+):
+    server, endpoint = own_s3_process
+    study = write_study(
+        tmp_path,
+        "stall",
+        models=["vae"],
+        iterations=1000,
+        eval_every=250,
+        concurrency=1,
+        search={"grid": {"seed": [0, 1]}},
+    )
+    uri = storage({"endpoint": endpoint})
+    store = ResultsStore(study_uri(uri, "stall"))
+    where = study_uri(uri, "stall")
+    join = ["--address", cluster.address, "--storage", uri]
+    # A heartbeat every 2 s, so a stall is told within seconds.
+    env = {"GVAE_LEASE_SECONDS": "8"}
+
+    def stall_once_a_trial_runs() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            trials = store.read(TRIALS)
+            if not trials.empty and (trials.status == "running").any():
+                break
+            time.sleep(0.3)
+        server.send_signal(signal.SIGSTOP)
+
+    # A driver that gives up after 2 attempts a request: the store stays away past them.
+    driver = gvae(cluster, "study", "run", str(study), *join, env={**env, "GVAE_S3_ATTEMPTS": "2"})
+    stall_once_a_trial_runs()
+    code, output = finish(driver, timeout=240)
+    server.send_signal(signal.SIGCONT)
+    assert code == 2, output[-3000:]
+    error = output.strip().splitlines()[-1]
+    assert error.startswith(f"gvae: error: storage: {where} did not answer through"), error
+    assert f"`gvae study resume stall --storage {uri} --address {cluster.address}`" in error
+    assert "failed" not in set(store.read(TRIALS).status)  # unfinished, to be resumed
+
+    # Resumed, the store freezes again for 20 s: waited for, said so, and nothing is lost.
+    driver = gvae(cluster, "study", "resume", "stall", *join, env=env)
+    stall_once_a_trial_runs()
+    time.sleep(20)
+    server.send_signal(signal.SIGCONT)
+    code, output = finish(driver)
+    assert code == 0, output[-3000:]
+    assert f"storage: {where} has not answered for 10 s" in output
+    assert f"storage: {where} answers again" in output
+    assert "Traceback" not in output, output[-3000:]
+    trials, curves = store.read(TRIALS), store.read(CURVES)
+    assert len(trials) == 2 and set(trials.status) == {"finished"}
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()

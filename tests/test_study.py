@@ -94,6 +94,13 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
     assert trials.final_image_entropies.map(len).eq(300).all()
     assert checkpoints_per_trial(tmp_path / "r", "grid") == [2] * 4  # of two evaluations each
 
+    # Run again, the finished study only opens its tables and compacts them once more.
+    again = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    assert "resuming study grid" in again and "study grid: 4 finished" in again
+    for table in ("trials.parquet", "curves.parquet"):
+        assert (tmp_path / "r" / "grid" / table).is_file(), table
+    pd.testing.assert_frame_equal(tables(tmp_path / "r", "grid")[0], trials)
+
 
 def test_a_grid_over_two_datasets_measures_each_trial_with_its_datasets_evaluator(
     cluster, tmp_path
@@ -256,6 +263,8 @@ def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):
     assert row.status == "finished" and row.retries == 1
     assert curves.iteration.tolist() == [100, 200, 300, 400]
     assert checkpoints_per_trial(tmp_path / "r", "crash") == [2]
+    # Tune's error files of the failed attempt go once the trial finishes; `retries` counts it.
+    assert not list((tmp_path / "r" / "crash" / "tune").glob("*/error.*"))
 
     # Resumed from a checkpoint, the trial ends exactly where an uninterrupted run ends.
     torch.set_num_threads(int(row.threads))

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
+import pyarrow.fs as pafs
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray.tune.search import SearchGenerator
@@ -88,13 +89,28 @@ class OptunaSearch(ray_optuna.OptunaSearch):
     - Restored from Tune's saved state, it keeps this run's journal: Tune pickles the searcher
       with its Optuna storage, whose journal path is where the study folder was when it was
       saved, and a moved study folder would be written at its old place.
+    - A journal kept on the driver's disk for a study on an object store is copied to its
+      `mirror` (filesystem, path) each time Tune saves the searcher's state, so the study folder
+      never holds a searcher that knows trials its journal lacks, even after a kill.
     """
 
-    def __init__(self, *args: Any, journal: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        journal: str | None = None,
+        mirror: tuple[pafs.FileSystem, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if journal is not None:
             kwargs["storage"] = journal_storage(journal)
         super().__init__(*args, **kwargs)
-        self.journal = journal
+        self.journal, self.mirror = journal, mirror
+
+    def save(self, checkpoint_path: str) -> None:
+        super().save(checkpoint_path)
+        if self.journal is not None and self.mirror is not None:
+            filesystem, path = self.mirror
+            pafs.copy_files(self.journal, path, destination_filesystem=filesystem)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -106,22 +122,22 @@ class OptunaSearch(ray_optuna.OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
     def restore(self, checkpoint_path: str) -> None:
-        journal = self.journal
+        journal, mirror = self.journal, self.mirror
         super().restore(checkpoint_path)
-        self.journal = journal
-        if journal is None:
-            return
-        # The same study, read from this run's journal; its trials rebound to it.
-        storage = journal_storage(journal)
-        study = optuna.load_study(
-            study_name=self._study_name, storage=storage, sampler=self._ot_study.sampler
-        )
-        self._storage, self._ot_study = storage, study
-        self._ot_trials = {
-            tune_id: optuna.trial.Trial(study, trial._trial_id)
-            for tune_id, trial in self._ot_trials.items()
-        }
-        _fail_orphans(study, {trial.number for trial in self._ot_trials.values()})
+        self.journal, self.mirror = journal, mirror
+        if journal is not None:
+            # The same study, read from this run's journal; its trials rebound to it.
+            storage = journal_storage(journal)
+            study = optuna.load_study(
+                study_name=self._study_name, storage=storage, sampler=self._ot_study.sampler
+            )
+            self._storage, self._ot_study = storage, study
+            self._ot_trials = {
+                tune_id: optuna.trial.Trial(study, trial._trial_id)
+                for tune_id, trial in self._ot_trials.items()
+            }
+        known = {trial.number for trial in self._ot_trials.values()}
+        _fail_orphans(self._ot_study, known)
 
 
 def _fail_orphans(study: optuna.Study, known: set[int]) -> None:

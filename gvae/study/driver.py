@@ -24,13 +24,14 @@ import pyarrow.fs as pafs
 import yaml
 from ray import tune
 from ray.tune.error import TuneError
+from sqlalchemy.engine import make_url
 
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
 from gvae.io import atomic_local_filesystem
 from gvae.study import compat
-from gvae.study.faults import StopWhenStorageFull, resume_command, storage_errors
+from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.outcome import ENDED
 from gvae.study.packs import SEEDS
@@ -38,7 +39,7 @@ from gvae.study.progress import ConsoleProgress
 from gvae.study.ray_start import RayStart
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
-from gvae.study.search import JOURNAL, scheduler, tune_search
+from gvae.study.search import JOURNAL, Journal, scheduler, tune_search
 from gvae.study.spec import StudySpec, parse_study, read_yaml
 from gvae.study.tables import StudyTables, Tables
 from gvae.study.tracking import tracker_callbacks
@@ -179,7 +180,7 @@ def _fit(
         {"cpu": spec.cpus, "gpu": spec.gpus},
     )
     # The guard first: it stops the study before a trial is recorded failed for a full disk.
-    callbacks = [StopWhenStorageFull(store.uri), tables, *tracker_callbacks(spec)]
+    callbacks = [StopWhenStorageFails(store.uri), tables, *tracker_callbacks(spec)]
     try:
         with compat.sigterm_interrupts():
             tune.run(
@@ -207,20 +208,22 @@ def _fit(
 @contextlib.contextmanager
 def _optuna_journal(
     spec: StudySpec, store: ResultsStore, log: Callable[[str], None]
-) -> Iterator[str | None]:
-    """Where an Optuna search keeps its study: a journal file in the study folder on a local
-    disk. On S3, which cannot append to a file, the driver keeps the journal on its own disk,
-    fetched from the study folder before the run and put back after it."""
+) -> Iterator[Journal | None]:
+    """Where an Optuna search keeps its study: a database (`search.optuna.storage`), else a
+    journal file in the study folder on a local disk. On S3, which cannot append to a file, the
+    driver keeps the journal on its own disk, fetched from the study folder before the run and
+    copied back at each of Tune's snapshots and at the end."""
     if spec.search_type != "optuna":
         yield None
         return
     if spec.optuna_storage:
-        log(f"optuna: watch the search live with `optuna-dashboard {spec.optuna_storage}`")
+        url = make_url(spec.optuna_storage).render_as_string(hide_password=True)
+        log(f"optuna: watch the search live with `optuna-dashboard {url}`")
         yield None
         return
     if store.local:
         log(f"optuna: watch the search live with `optuna-dashboard {store.path(JOURNAL)}`")
-        yield store.path(JOURNAL)
+        yield Journal(store.path(JOURNAL))
         return
     with tempfile.TemporaryDirectory(prefix="gvae-optuna-") as folder:
         local = f"{folder}/{JOURNAL}"
@@ -228,10 +231,10 @@ def _optuna_journal(
             pafs.copy_files(store.path(JOURNAL), local, source_filesystem=store.fs)
         log(
             f"optuna: watch the search live with `optuna-dashboard {local}`; it is copied to "
-            f"{store.location(JOURNAL)} when this run ends"
+            f"{store.location(JOURNAL)} at each snapshot of the study's state"
         )
         try:
-            yield local
+            yield Journal(local, mirror=(store.fs, store.path(JOURNAL)))
         finally:
             pafs.copy_files(local, store.path(JOURNAL), destination_filesystem=store.fs)
 

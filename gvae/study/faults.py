@@ -1,7 +1,9 @@
 """Storage faults as one line with the fix.
 
 A full disk stops the study (exit status 2) with the path and the command that continues it once
-there is room; an S3 bucket that is wrong or refuses the credentials stops it before training.
+there is room; an S3 bucket that is wrong or refuses the credentials stops it before training; a
+store that stops answering is retried for minutes (gvae.io.RetryingS3FileSystem), then stops the
+study with the command that continues it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 from ray.tune import Callback
 
 from gvae.errors import GvaeError
-from gvae.io import StorageFull, is_full
-from gvae.study.outcome import trial_error_text
+from gvae.io import S3_RETRY_MINUTES, StorageFull, is_full
+from gvae.study.outcome import error_line, trial_error_text
 
 
 def resume_command(name: str, storage: str, address: str | None) -> str:
@@ -26,12 +28,13 @@ def resume_command(name: str, storage: str, address: str | None) -> str:
     return command + (f" --address {address}" if address else "")
 
 
-class StopWhenStorageFull(Callback):
-    """Stop the study when a trial could not save its checkpoint for lack of space.
+class StopWhenStorageFails(Callback):
+    """Stop the study when a trial failed because the storage is full or did not answer.
 
-    Retrying cannot help until there is room, and a trial that used up its retries would be
-    recorded as failed and never resumed; stopping at the first such error keeps it unfinished,
-    so `gvae study resume` continues it from its last checkpoint.
+    Retrying cannot help until there is room, or until the store is back (its every request has
+    been retried for minutes already: gvae.io.S3_ATTEMPTS), and a trial that used up its retries
+    would be recorded as failed and never resumed; stopping at the first such error keeps it
+    unfinished, so `gvae study resume` continues it from its last checkpoint.
     """
 
     def __init__(self, uri: str) -> None:
@@ -44,8 +47,11 @@ class StopWhenStorageFull(Callback):
         self._check(trial)
 
     def _check(self, trial: Any) -> None:
-        if "No space left on device" in trial_error_text(trial):
+        error = trial_error_text(trial)
+        if "No space left on device" in error:
             raise StorageFull(self.uri)
+        if "://" in self.uri and any(marker in error for marker in UNREACHABLE):
+            raise ConnectionError(f"a trial's storage request failed: {error_line(error)}")
 
 
 @contextlib.contextmanager
@@ -64,7 +70,17 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             raise
         lines = str(error).strip().splitlines()
         first = lines[0].rstrip(".") if lines else repr(error)
+        if any(marker in str(error) for marker in UNREACHABLE):
+            raise GvaeError(
+                f"storage: {uri} did not answer through {S3_RETRY_MINUTES} minutes of retries "
+                f"({first}); nothing is lost: once it answers, `{resume}` continues the study"
+            ) from None
         raise GvaeError(
             f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
         ) from None
+
+
+# How the AWS SDK under pyarrow reports a store that never answered (it stalled, refused the
+# connection, or could not be resolved), as against one that answered with an error.
+UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "Couldn't connect")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from gvae.errors import GvaeError
-from gvae.io import join, read_bytes, resolve, write_bytes
+from gvae.io import S3_RETRY_MINUTES, join, read_bytes, resolve, write_bytes
 
 LEASE_FILE = "driver.lease"
 HANDOVER_FILE = "driver.handover"  # written by a driver that stopped because it was taken over
@@ -34,6 +34,7 @@ POLL_SECONDS = 0.25
 # Long enough that a slow write to remote storage never lets a live lease lapse.
 DEFAULT_TTL_SECONDS = 60.0
 TTL_ENV = "GVAE_LEASE_SECONDS"
+STALL_NOTICE_SECONDS = 10.0  # a heartbeat's write waited this long: the storage is told stalled
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class StudyLease:
         self.me = Holder(socket.gethostname(), os.getpid(), started, self.token, 0.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.study_uri = study_uri
+        self.stalled = False  # a heartbeat has waited on the storage past STALL_NOTICE_SECONDS
 
     def acquire(self, force: bool = False) -> None:
         """Take the lease, or raise GvaeError naming the live driver that holds it."""
@@ -156,6 +159,10 @@ class StudyLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
+            # The heartbeat is the driver's steady write: a store that stalls shows here first.
+            notice = threading.Timer(STALL_NOTICE_SECONDS, self._say_stalled)
+            notice.daemon = True
+            notice.start()
             try:
                 holder = self.holder()
                 if holder is not None and holder.token != self.token:
@@ -165,3 +172,15 @@ class StudyLease:
                 self._write()
             except OSError:
                 pass  # storage briefly unreachable or full: try again at the next beat
+            finally:
+                notice.cancel()
+                if self.stalled:
+                    self.stalled = False
+                    self.log(f"storage: {self.study_uri} answers again")
+
+    def _say_stalled(self) -> None:
+        self.stalled = True
+        self.log(
+            f"storage: {self.study_uri} has not answered for {STALL_NOTICE_SECONDS:g} s; "
+            f"its requests are retried for up to {S3_RETRY_MINUTES} minutes"
+        )

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import ray
 
+from gvae.study import reaper
+
 
 class RayStart:
     """The Ray a study runs on: a local instance this process starts, or the cluster at `address`
@@ -31,8 +33,10 @@ class RayStart:
             return
         if self.address:
             log(f"joining the Ray cluster at {self.address}")
-        self.started_here = not self.address
-        ray.init(address=self.address, log_to_driver=False)
+        context = ray.init(address=self.address, log_to_driver=False)
+        if not self.address:
+            self.started_here = True
+            reaper.start(context.address_info["session_dir"])
         resources = ray.cluster_resources()
         log(
             f"ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "

@@ -3,6 +3,7 @@ study kept in an Optuna journal), and the scheduler."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -21,10 +22,19 @@ from gvae.study.tables import SUGGESTION
 JOURNAL = "optuna.journal"  # an Optuna study's journal, in the study folder
 
 
+@dataclass(frozen=True)
+class Journal:
+    """Where an Optuna search writes its journal, and where a copy of it is kept (the study
+    folder on an object store, which cannot append to a file), if anywhere."""
+
+    path: str
+    mirror: tuple[pafs.FileSystem, str] | None = None
+
+
 def tune_search(
     spec: StudySpec,
     image_sizes: dict[str, int],
-    journal: str | None,
+    journal: Journal | None,
     storage: tuple[str, pafs.FileSystem],
 ) -> dict[str, Any]:
     """tune.run's search arguments: the grid's points in the order they start (Tune's own grid
@@ -87,7 +97,7 @@ def longest_first(spec: StudySpec, image_sizes: dict[str, int]) -> list[dict[str
 NETS_PER_STEP = {"gan": 2, "wgan": 2, "vae": 2, "vaegan": 3, "cvaegan": 3}
 
 
-def _optuna_search(spec: StudySpec, journal: str | None) -> Searcher:
+def _optuna_search(spec: StudySpec, journal: Journal | None) -> Searcher:
     """Optuna over the study's space, its study named after the study and kept in `journal`;
     with replicates, each suggestion runs on several seeds."""
     search: Searcher = OptunaSearch(
@@ -96,7 +106,8 @@ def _optuna_search(spec: StudySpec, journal: str | None) -> Searcher:
         seed=0,
         study_name=spec.name,
         **({"storage": RDBStorage(spec.optuna_storage)} if spec.optuna_storage else {}),
-        journal=None if spec.optuna_storage else journal,
+        journal=journal.path if journal else None,
+        mirror=journal.mirror if journal else None,
     )
     if spec.replicates > 1 and spec.pack == 1:
         search = SeedReplicates(search, spec.replicates, base_seed=spec.fixed.get("seed", 0))

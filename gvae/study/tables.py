@@ -15,8 +15,10 @@ schema, and `pandas.read_parquet` of a table's folder sees every column.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 from ray.tune import Callback
+from ray.tune.result import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 
 from gvae.config import TrialConfig
 from gvae.study.outcome import ENDED, Outcome, Status, is_finite_number, trial_error
@@ -308,6 +311,8 @@ class StudyTables(Callback):
         outcome = _outcome_of(trial)
         if outcome.status is not Status.FINISHED or trial.num_failures:
             self._amend(trial, outcome)  # else the trial's own last write says it all
+        if outcome.status is Status.FINISHED and trial.num_failures:
+            _remove_error_files(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._amend(trial, Outcome(Status.FAILED, trial_error(trial)))
@@ -333,6 +338,17 @@ class StudyTables(Callback):
         ended = all(trial.status in ("TERMINATED", "ERROR") for trial in trials)
         if ended and len(trials) >= self.total:
             compact(self.store, self.tables)
+
+
+def _remove_error_files(trial: Any) -> None:
+    """Tune's files of a finished trial's failed attempts, in its folder on the driver and in
+    storage: they would tell whoever opens the folder that it failed (`retries` counts them)."""
+    storage = trial.storage
+    for name in (EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(trial.local_path, name))
+        with contextlib.suppress(OSError):
+            storage.storage_filesystem.delete_file(f"{storage.trial_fs_path}/{name}")
 
 
 def _outcome_of(trial: Any) -> Outcome:

@@ -8,6 +8,7 @@ run's `status` tag (finished, diverged, stopped, failed).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.tune import Callback
@@ -27,6 +28,9 @@ def tracker_callbacks(spec: StudySpec) -> list[Callback]:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         options = {"project": spec.name, **spec.tracking["wandb"]}
+        if options.get("mode") in ("offline", "disabled"):
+            # Ray asks for an API key unless wandb's own WANDB_MODE says it needs none.
+            os.environ.setdefault("WANDB_MODE", options["mode"])
         callbacks.append(WandbLoggerCallback(**options))
     return callbacks
 
