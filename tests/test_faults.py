@@ -357,12 +357,12 @@ def test_a_killed_driver_leaves_no_ray_process_and_no_ray_session_folder(tmp_pat
         ray = psutil.Process(driver.pid).children(recursive=True)
         names = {process.name() for process in ray}
         assert {"raylet", "gcs_server"} <= names and "ray::DashboardAgent" in names, names
-        assert list(ray_temp.glob("session_2*"))
+        assert list(ray_temp.glob("ray/session_2*"))
         driver.kill()
         driver.wait()
         _, alive = psutil.wait_procs(ray, timeout=30)
         assert not alive, [process.name() for process in alive]
-        assert not list(ray_temp.glob("session_2*"))
+        assert not list(ray_temp.glob("ray/session_2*"))
     finally:
         driver.kill()
         shutil.rmtree(ray_temp, ignore_errors=True)

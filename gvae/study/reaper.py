@@ -47,6 +47,7 @@ def watch(driver_pid: int, session_dir: str) -> None:
             left.update((child.pid, child) for child in driver.children(recursive=True))
         with contextlib.suppress(psutil.TimeoutExpired):
             driver.wait(LOOK_SECONDS)
+    left.pop(os.getpid(), None)  # the driver started this watcher too
     alive = [process for process in left.values() if process.is_running()]  # checks pid reuse
     for process in alive:
         with contextlib.suppress(psutil.Error):
