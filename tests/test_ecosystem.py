@@ -132,13 +132,22 @@ def test_tensorboard_reads_every_curve_scalar_of_every_pack_member_at_its_iterat
         pack = trials[trials.pack.map(lambda p, path=path: f"train_trial_{p}_" in str(path))]
         for _, member in pack.iterrows():
             curve = curves[curves.trial_id == member.trial_id]
-            for metric in ("mode_entropy", "mean_image_entropy", "recon_loss", "gan_loss"):
+            # Every scalar of the member's curve: metrics, losses and timings.
+            scalars = [
+                name
+                for name in curve.columns
+                if name not in ("iteration", "study", "trial_id", "model", "class_histogram")
+                and curve[name].notna().all()
+            ]
+            assert {"mode_entropy", "frechet_distance", "recon_loss", "gan_loss"} <= set(scalars)
+            for metric in scalars:
                 tag = f"ray/tune/members/seed{member.seed}/{metric}"
                 assert tag in tags, sorted(tags)
                 logged = {e.step: e.value for e in events.Scalars(tag)}
                 assert sorted(logged) == curve.iteration.tolist()
                 assert list(logged.values()) == pytest.approx(curve[metric].tolist(), rel=1e-6)
-        assert "ray/tune/mode_entropy" in tags  # the pack's mean, what Optuna was told
+        steps = [event.step for event in events.Scalars("ray/tune/mode_entropy")]
+        assert steps == sorted(set(curves.iteration))  # the pack's mean, what Optuna was told
 
 
 def test_mlflow_has_one_run_per_trial_with_its_params_metrics_and_status(study):
@@ -149,11 +158,15 @@ def test_mlflow_has_one_run_per_trial_with_its_params_metrics_and_status(study):
     runs = mlflow.search_runs(experiment_names=["eco"])
     assert len(runs) == SUGGESTIONS
     trials = pd.read_parquet(folder / "eco" / "trials.parquet")
+    curves = pd.read_parquet(folder / "eco" / "curves.parquet")
     for _, run in runs.iterrows():
         assert run["params.model"] == "cvaegan" and float(run["params.lam"]) in set(trials.lam)
         assert run["tags.status"] == "finished" and run["status"] == "FINISHED"
         pack = trials[trials.lam == float(run["params.lam"])]
         assert run["metrics.mode_entropy"] == pytest.approx(pack.final_mode_entropy.mean())
+        history = mlflow.MlflowClient(uri).get_metric_history(run["run_id"], "mode_entropy")
+        curve = curves[curves.trial_id == pack.trial_id.iloc[0]]
+        assert [metric.step for metric in history] == curve.iteration.tolist()  # by iteration
 
 
 def test_the_report_draws_optunas_own_plots_from_the_journal(study, tmp_path):

@@ -258,6 +258,11 @@ def test_a_crashed_trial_resumes_from_its_last_checkpoint(cluster, tmp_path):
         time.sleep(0.2)
     output, _ = driver.communicate(timeout=300)
     assert killed and driver.returncode == 0, output[-2000:]
+    # One line that names the cause: the worker died.
+    (retry,) = [line for line in output.splitlines() if " retrying " in line]
+    assert retry.endswith(
+        "retrying vae seed=0  The actor is dead because its worker process has died. (failure 1)"
+    ), retry
     trials, curves = tables(tmp_path / "r", "crash")
     row = trials.iloc[0]
     assert row.status == "finished" and row.retries == 1

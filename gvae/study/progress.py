@@ -100,7 +100,7 @@ class ConsoleProgress(Callback):
         self._trial_line(trials, trial, Outcome(Status.FAILED, trial_error(trial)))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = trial_error(trial)
+        error = _first_sentence(trial_error(trial))
         line = f"{self._counter()} retrying {self._describe(trial)}  {error}"
         self._emit(f"{line} (failure {trial.num_failures})", keep=True)
         if self.tty:
@@ -231,6 +231,14 @@ class ConsoleProgress(Callback):
 def _members(trial: Any) -> int:
     """How many rows of the tables a Tune trial is: a pack's seeds, else 1."""
     return len(seeds_of(trial.config)) if is_pack(trial.config) else 1
+
+
+def _first_sentence(error: str, limit: int = 160) -> str:
+    """A long error's first sentence (Ray's worker-death message runs to a paragraph)."""
+    if len(error) <= limit:
+        return error
+    end = error.find(". ", 0, limit)
+    return error[: end + 1] if end > 0 else error[:limit] + "..."
 
 
 def _outcome(trial: Any) -> Outcome:
