@@ -19,7 +19,7 @@ from analysis.suggestions import optuna_study
 from gvae.errors import GvaeError
 from gvae.study.lease import StudyLease
 from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
-from tests.raycluster import LocalRayCluster
+from tests.raycluster import LocalRayCluster, free_port
 from tests.test_study import write_study
 
 pytestmark = pytest.mark.slow
@@ -175,18 +175,25 @@ def test_the_lease_on_s3_keeps_a_second_driver_off_until_it_lapses(s3, monkeypat
     assert second.holder() is None
 
 
-@pytest.mark.parametrize("fault", ["wrong-bucket", "bad-credentials"])
+@pytest.mark.parametrize("fault", ["wrong-bucket", "bad-credentials", "wrong-endpoint"])
 def test_s3_that_cannot_be_used_stops_with_one_line_before_training(cluster, s3, tmp_path, fault):
     study = write_study(tmp_path, "nos3", models=["vae"], search={"grid": {"seed": [0]}})
     bucket = "no-such-bucket" if fault == "wrong-bucket" else BUCKET
     env = {"AWS_SECRET_ACCESS_KEY": "wrong"} if fault == "bad-credentials" else {}
-    uri = storage(s3, bucket)
+    endpoint = {"endpoint": f"127.0.0.1:{free_port()}"} if fault == "wrong-endpoint" else s3
+    uri = storage(endpoint, bucket)
     command = ["study", "run", str(study), "--address", cluster.address, "--storage", uri]
     process = gvae(cluster, *command, env=env)
     code, output = finish(process, timeout=120)
     assert code == 2, output[-2000:]
     lines = output.strip().splitlines()
     assert len(lines) == 1, output[-2000:]  # nothing before it: no Ray, no evaluator, no trial
+    if fault == "wrong-endpoint":  # nothing answers there: a few attempts, not minutes
+        assert lines[0].startswith(f"gvae: error: storage: cannot reach {study_uri(uri, 'nos3')}")
+        assert lines[0].endswith(
+            "check endpoint_override and that the store is running (docs/cluster.md)"
+        )
+        return
     reason = "Bucket 'no-such-bucket' not found" if fault == "wrong-bucket" else "ACCESS_DENIED"
     assert lines[0].startswith(f"gvae: error: storage: cannot use {study_uri(uri, 'nos3')}: ")
     assert reason in lines[0] and lines[0].endswith(
@@ -234,8 +241,6 @@ def test_tables_read_while_the_driver_rewrites_them_on_s3(s3):
 @pytest.fixture
 def own_s3_process(tmp_path):
     """A moto S3 server in a process of its own, which SIGSTOP freezes as a hung store would."""
-    from tests.raycluster import free_port
-
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -31,7 +31,12 @@ from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
 from gvae.io import atomic_local_filesystem
 from gvae.study import compat
-from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
+from gvae.study.faults import (
+    StopWhenStorageFails,
+    check_reachable,
+    resume_command,
+    storage_errors,
+)
 from gvae.study.lease import StudyLease
 from gvae.study.outcome import ENDED
 from gvae.study.packs import SEEDS
@@ -94,6 +99,7 @@ def run_study(
     resume = resume_command(spec.name, storage, address)
     lease = StudyLease(uri, spec.name, log=log)
     with storage_errors(uri, resume):
+        check_reachable(uri)
         _check_same_study(store, raw_spec)
         lease.acquire(force=force)
     try:
