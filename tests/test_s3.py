@@ -276,7 +276,7 @@ def test_a_store_that_stalls_is_waited_for_and_one_that_stays_away_stops_the_stu
         tmp_path,
         "stall",
         models=["vae"],
-        iterations=2000,
+        iterations=1000,
         eval_every=250,
         concurrency=1,
         search={"grid": {"seed": [0, 1]}},
@@ -306,8 +306,8 @@ def test_a_store_that_stalls_is_waited_for_and_one_that_stays_away_stops_the_stu
             time.sleep(0.3)
         server.send_signal(signal.SIGSTOP)
 
-    # Every request given up after 2 attempts: the store stays away past them.
-    running = driver("run", str(study), GVAE_S3_ATTEMPTS="2")
+    # Every request given up after its first attempt: the store stays away past it.
+    running = driver("run", str(study), GVAE_S3_ATTEMPTS="1")
     stall_once_this_run_evaluates(0)
     code, output = finish(running, timeout=240)
     server.send_signal(signal.SIGCONT)
@@ -317,10 +317,10 @@ def test_a_store_that_stalls_is_waited_for_and_one_that_stays_away_stops_the_stu
     assert f"`gvae study resume stall --storage {uri}` continues the study" in error, error
     assert "failed" not in set(store.read(TRIALS).status)  # unfinished, to be resumed
 
-    # Resumed, the store freezes again for 20 s: waited for, said so, and nothing is lost.
+    # Resumed, the store freezes again for 15 s: waited for, said so, and nothing is lost.
     running = driver("resume", "stall")
     stall_once_this_run_evaluates(len(store.read(CURVES)))
-    time.sleep(20)
+    time.sleep(15)
     server.send_signal(signal.SIGCONT)
     code, output = finish(running)
     assert code == 0, output[-3000:]
@@ -329,4 +329,4 @@ def test_a_store_that_stalls_is_waited_for_and_one_that_stays_away_stops_the_stu
     assert "Traceback" not in output, output[-3000:]
     trials, curves = store.read(TRIALS), store.read(CURVES)
     assert len(trials) == 2 and set(trials.status) == {"finished"}
-    assert len(curves) == 16 and not curves.duplicated(["trial_id", "iteration"]).any()
+    assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()

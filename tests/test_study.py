@@ -127,18 +127,20 @@ def test_a_grid_over_two_datasets_measures_each_trial_with_its_datasets_evaluato
 def test_optuna_study_searches_two_objectives(cluster, tmp_path):
     space = {"lam": {"low": 0.1, "high": 10.0, "log": True}, "d": {"low": 0.0, "high": 1.0}}
     objectives = {"mode_entropy": "max", "mean_image_entropy": "min"}
-    study = write_study(
-        tmp_path,
-        "opt",
-        models=["cvaegan"],
-        search={"optuna": {"trials": 3, "objectives": objectives, "space": space}},
-    )
-    run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    database = f"sqlite:///{tmp_path / 'optuna.db'}"  # an Optuna database, not the journal
+    search = {"trials": 3, "objectives": objectives, "space": space, "storage": database}
+    study = write_study(tmp_path, "opt", models=["cvaegan"], search={"optuna": search})
+    output = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
+    assert f"optuna: watch the search live with `optuna-dashboard {database}`" in output
     trials, curves = tables(tmp_path / "r", "opt")
     assert len(trials) == 3 and set(trials.status) == {"finished"}
     assert trials.lam.between(0.1, 10.0).all() and trials.d.between(0.0, 1.0).all()
     assert trials.lam.nunique() == 3
     assert len(curves) == 6
+    assert not (tmp_path / "r" / "opt" / "optuna.journal").exists()
+    optuna_trials = optuna.load_study(study_name="opt", storage=database).trials
+    assert sorted(t.params["lam"] for t in optuna_trials) == sorted(trials.lam)
+    assert sorted(t.values[0] for t in optuna_trials) == sorted(trials.final_mode_entropy)
 
 
 def test_optuna_replicates_train_each_suggestion_on_seeds(cluster, tmp_path):

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from gvae.errors import GvaeError
-from gvae.io import S3_RETRY_MINUTES, StorageFull, is_full
+from gvae.io import S3_ATTEMPTS, StorageFull, is_full
 from gvae.study.outcome import error_line, trial_error_text
 
 
@@ -73,7 +73,7 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
         first = lines[0].rstrip(".") if lines else repr(error)
         if any(marker in str(error) for marker in UNREACHABLE):
             raise GvaeError(
-                f"storage: {uri} did not answer through {S3_RETRY_MINUTES} minutes of retries "
+                f"storage: {uri} did not answer through {S3_ATTEMPTS} attempts of a request "
                 f"({first}); nothing is lost: once it answers, `{resume}` continues the study"
             ) from None
         raise GvaeError(
