@@ -51,7 +51,7 @@ class StopWhenStorageFails(Callback):
         error = trial_error_text(trial)
         if "No space left on device" in error:
             raise StorageFull(self.uri)
-        if "://" in self.uri and any(marker in error for marker in UNREACHABLE):
+        if "://" in self.uri and unreachable(error):
             raise ConnectionError(f"a trial's storage request failed: {error_line(error)}")
 
 
@@ -69,9 +69,8 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             ) from None
         if "://" not in uri:
             raise
-        lines = str(error).strip().splitlines()
-        first = lines[0].rstrip(".") if lines else repr(error)
-        if any(marker in str(error) for marker in UNREACHABLE):
+        first = _first_line(error)
+        if unreachable(str(error)):
             raise GvaeError(
                 f"storage: {uri} did not answer through {S3_ATTEMPTS} attempts of a request "
                 f"({first}); nothing is lost: once it answers, `{resume}` continues the study"
@@ -92,14 +91,22 @@ def check_reachable(uri: str) -> None:
     try:
         fs.get_file_info(path)
     except OSError as error:
-        if any(marker in str(error) for marker in UNREACHABLE):
-            first = str(error).strip().splitlines()[0].rstrip(".")
+        if unreachable(str(error)):
             raise GvaeError(
-                f"storage: cannot reach {uri}: {first}; check endpoint_override and that the "
-                "store is running (docs/cluster.md)"
+                f"storage: cannot reach {uri}: {_first_line(error)}; check endpoint_override "
+                "and that the store is running (docs/cluster.md)"
             ) from None
 
 
 # How the AWS SDK under pyarrow reports a store that never answered (it stalled, refused the
 # connection, or could not be resolved), as against one that answered with an error.
 UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "Couldn't connect")
+
+
+def unreachable(error_text: str) -> bool:
+    return any(marker in error_text for marker in UNREACHABLE)
+
+
+def _first_line(error: OSError) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(".") if lines else repr(error)

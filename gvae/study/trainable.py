@@ -124,7 +124,7 @@ def train_trial(
             record.notice = f"checkpoint {checkpoint.path} cannot be read; the trial starts over"
             resume_from = None
         if resume_from is not None:
-            finished = _finished_result(tables, record.rows)
+            finished = _finished_result(record)
             if finished is not None:
                 tune.report({**finished, **context})
                 return
@@ -202,18 +202,17 @@ def mean_scalars(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _finished_result(tables: Tables, rows: list[MemberRows]) -> dict[str, Any] | None:
+def _finished_result(record: TrialRecord) -> dict[str, Any] | None:
     """The last evaluation of a trial whose own rows say that every member finished, else None.
 
     A driver killed after a trial's last write, before Tune's next snapshot of its state,
     restores the trial from an older checkpoint; its rows already hold the whole run, so the
     trial reports that run's last evaluation again instead of training its end twice."""
-    store = tables.store()
-    trials = FragmentedTable(store, TRIALS, tables.trials)
-    curves = FragmentedTable(store, CURVES, tables.curves)
+    trials = FragmentedTable(record.store, TRIALS, record.tables.trials)
+    curves = FragmentedTable(record.store, CURVES, record.tables.curves)
     last_points = []
     try:
-        for row in rows:
+        for row in record.rows:
             stored = trials.read_trial(row.row_id)
             curve = curves.read_trial(row.row_id)
             if not stored or stored[0]["status"] != Status.FINISHED.value or not curve:
