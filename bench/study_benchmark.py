@@ -10,7 +10,10 @@ header line and one line per run (see README.md).
    command; the minimum is the sum of the trials' own times (Tune's `time_total_s`, recorded as
    `wall_seconds`) over the CPUs: what a scheduler with no overhead at all would take.
 2. Plain Ray Tune in a fresh process: the same count of function trials, each busy for the
-   gvae study's median trial time, each reporting once with a small checkpoint, actors reused.
+   gvae study's median trial time, each reporting once with a checkpoint as large as a gvae
+   trial's (its model and optimiser state: 10 MB for the default VAE, so both runs write as
+   many bytes to the disk), actors reused. `--small-checkpoint` makes it a few bytes instead,
+   which charges gvae for its model's size as well.
 
 Each run's wall time is also split into its startup (command start to the first trial's start:
 imports, starting Ray, the first worker), its trial phase (first trial start to last trial end,
@@ -87,8 +90,9 @@ def report_line(label: str, start: float, wall: float, trials: pd.DataFrame, cpu
     return minimum
 
 
-def plain_tune(trials: int, seconds: float, storage: Path) -> None:
-    """Runs in its own process: `trials` function trials busy for `seconds` each."""
+def plain_tune(trials: int, seconds: float, checkpoint_bytes: int, storage: Path) -> None:
+    """Runs in its own process: `trials` function trials busy for `seconds` each, each writing
+    a checkpoint of `checkpoint_bytes`."""
     import ray
     from ray import tune
 
@@ -99,14 +103,14 @@ def plain_tune(trials: int, seconds: float, storage: Path) -> None:
         while time.perf_counter() < end:  # busy, like a training loop
             total += 1
         with tempfile.TemporaryDirectory() as directory:
-            Path(directory, "state.txt").write_text(str(total))
+            Path(directory, "state.bin").write_bytes(total.to_bytes(8) * (config["bytes"] // 8))
             checkpoint = tune.Checkpoint.from_directory(directory)
             tune.report({"started": started, "ended": time.time()}, checkpoint=checkpoint)
 
     ray.init(log_to_driver=False)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
-        param_space={"seconds": seconds},
+        param_space={"seconds": seconds, "bytes": max(checkpoint_bytes, 8)},
         tune_config=tune.TuneConfig(num_samples=trials, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(storage), name="plain", verbose=0),
     )
@@ -119,10 +123,13 @@ def plain_tune(trials: int, seconds: float, storage: Path) -> None:
     print(f"PLAIN {json.dumps(rows)}")
 
 
-def run_plain(trials: int, seconds: float, storage: Path) -> tuple[float, float, pd.DataFrame]:
+def run_plain(
+    trials: int, seconds: float, checkpoint_bytes: int, storage: Path
+) -> tuple[float, float, pd.DataFrame]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, __file__, "--plain-run", str(trials), str(seconds), str(storage)]
+    command = [sys.executable, __file__, "--plain-run", str(trials), str(seconds)]
+    command += [str(checkpoint_bytes), str(storage)]
     start, tick = time.time(), time.perf_counter()
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - tick
@@ -130,6 +137,16 @@ def run_plain(trials: int, seconds: float, storage: Path) -> tuple[float, float,
     if out.returncode != 0 or line is None:
         sys.exit(f"plain Tune run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return start, wall, pd.DataFrame(json.loads(line.removeprefix("PLAIN ")))
+
+
+def checkpoint_size(study: Path) -> int:
+    """The median size in bytes of the study's trials' last checkpoints (Tune's folder)."""
+    sizes = []
+    for trial in (study / "tune").iterdir():
+        checkpoints = sorted(trial.glob("checkpoint_*"))
+        if checkpoints:
+            sizes.append(sum(f.stat().st_size for f in checkpoints[-1].iterdir()))
+    return int(pd.Series(sizes).median()) if sizes else 8
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,10 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="vae")
     parser.add_argument("--skip-plain", action="store_true", help="only the gvae study")
     parser.add_argument("--study", type=Path, help="time this study file instead")
-    parser.add_argument("--plain-run", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--small-checkpoint",
+        action="store_true",
+        help="plain Tune's trials checkpoint a few bytes, not as much as gvae's",
+    )
+    parser.add_argument("--plain-run", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_run:
-        plain_tune(int(args.plain_run[0]), float(args.plain_run[1]), Path(args.plain_run[2]))
+        trials, seconds, size, storage = args.plain_run
+        plain_tune(int(trials), float(seconds), int(size), Path(storage))
         return
 
     cpus = os.cpu_count() or 1
@@ -167,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.study or args.skip_plain:
             return
         median = float(trials.seconds.median())
-        plain_start, plain_wall, plain = run_plain(len(trials), median, Path(folder) / "plain")
+        size = 8 if args.small_checkpoint else checkpoint_size(Path(folder) / "results" / name)
+        print(f"  checkpoint: {size / 1e6:.2f} MB per trial for plain Tune", flush=True)
+        plain_start, plain_wall, plain = run_plain(
+            len(trials), median, size, Path(folder) / "plain"
+        )
         plain_minimum = report_line("plain Ray Tune", plain_start, plain_wall, plain, cpus)
         print(
             f"gvae wall / plain Tune wall {wall / plain_wall:.2f}; "

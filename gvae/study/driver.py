@@ -15,6 +15,7 @@ import platform
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -122,20 +123,21 @@ def _run_leased(
     verbose: bool,
 ) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
-    datasets = {name: load_dataset(name, data_root) for name in spec.datasets}
-    # Each dataset's evaluator, trained here once if it is not cached (trials only load it).
-    evaluator_states = {
-        name: load_or_train_evaluator(dataset, log=log).state()
-        for name, dataset in datasets.items()
-    }
-    image_sizes = {name: math.prod(dataset.image_shape) for name, dataset in datasets.items()}
     # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
     # trials get the folder the driver found the data in.
     spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
-
     _leave_job_working_dir()
     compat.quiet_tune_output(verbose)
-    ray_start.wait(log)
+    # The data and evaluators load while Ray starts (each takes seconds); Ray starts on this
+    # thread, where it installs its signal handlers.
+    with ThreadPoolExecutor(1, thread_name_prefix="gvae-data") as pool:
+        loading = pool.submit(_load_data, spec, data_root, log)
+        try:
+            ray_start.wait(log)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        image_sizes, evaluator_states = loading.result()
     check_resources(spec, resource_wait if ray_start.address else 0.0, log)
     resumed = _has_saved_state(store)
     if resumed:
@@ -153,6 +155,16 @@ def _run_leased(
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
+
+
+def _load_data(
+    spec: StudySpec, data_root: Path, log: Callable[[str], None]
+) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Each dataset's image size, and its evaluator's state, trained here once if it is not
+    cached (trials only load it)."""
+    datasets = {name: load_dataset(name, data_root) for name in spec.datasets}
+    states = {name: load_or_train_evaluator(d, log=log).state() for name, d in datasets.items()}
+    return {name: math.prod(data.image_shape) for name, data in datasets.items()}, states
 
 
 def _has_saved_state(store: ResultsStore) -> bool:

@@ -50,13 +50,14 @@ class Outcome:
         return {OUTCOME_KEY: record, **dict.fromkeys(METRICS, math.nan)}
 
     @classmethod
-    def of_result(cls, result: dict[str, Any] | None, iterations: int) -> Outcome:
-        """How a trial ended, from its last result: the outcome it reported, else finished when
-        it reached its iterations, else stopped by the scheduler."""
-        record = (result or {}).get(OUTCOME_KEY)
+    def of_trial(cls, trial: Any) -> Outcome:
+        """How a Tune trial ended, from its last result: the outcome it reported, else finished
+        when it reached its iterations, else stopped by the scheduler."""
+        result = trial.last_result or {}
+        record = result.get(OUTCOME_KEY)
         if record:
             return cls(Status(record["status"]), record.get("error"), record.get("diverged_at"))
-        done = (result or {}).get("iteration") == iterations
+        done = result.get("iteration") == trial.config.get("iterations")
         return cls(Status.FINISHED if done else Status.STOPPED)
 
 

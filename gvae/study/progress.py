@@ -94,7 +94,7 @@ class ConsoleProgress(Callback):
             self.best = (float(value), self._describe(trial))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._trial_line(trials, trial, _outcome(trial))
+        self._trial_line(trials, trial, Outcome.of_trial(trial))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._trial_line(trials, trial, Outcome(Status.FAILED, trial_error(trial)))
@@ -183,7 +183,7 @@ class ConsoleProgress(Callback):
             elif trial.status == "TERMINATED" and trial.trial_id not in (self.ended_before or ()):
                 counts["pending"] += size  # stopped by an interrupt: it resumes with the study
             elif trial.status == "TERMINATED":
-                ended = _outcome(trial).status.value
+                ended = Outcome.of_trial(trial).status.value
                 counts["done" if ended in ("finished", "stopped") else ended] += size
             else:
                 counts["pending"] += size
@@ -239,10 +239,6 @@ def _first_sentence(error: str, limit: int = 160) -> str:
         return error
     end = error.find(". ", 0, limit)
     return error[: end + 1] if end > 0 else error[:limit] + "..."
-
-
-def _outcome(trial: Any) -> Outcome:
-    return Outcome.of_result(trial.last_result, trial.config.get("iterations"))
 
 
 def _duration(seconds: float) -> str:

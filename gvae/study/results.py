@@ -183,12 +183,6 @@ class ResultsStore:
             self.fs.delete_dir(self.path(name))
 
 
-def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Arrow table whose columns are the union of the rows' keys, in order of first appearance."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    return pa.table({column: [row.get(column) for row in rows] for column in columns})
-
-
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with exactly `schema`'s columns and types (missing ones null)."""
     if table.schema.equals(schema):
@@ -286,11 +280,6 @@ class FragmentedTable:
         for trial_id, rows in by_trial.items():
             self.write_trial(trial_id, rows)
         store.delete(source)
-
-    def trial_ids(self) -> list[str]:
-        """The trials with a fragment, in trial-id order."""
-        names = [path.rsplit("/", 1)[1] for path in self.store.fragment_paths(self.name)]
-        return [name[len("part-") : -len(".parquet")] for name in names]
 
     def read_trial(self, trial_id: str) -> list[dict[str, Any]]:
         """The rows of one trial's fragment ([] when it has none)."""

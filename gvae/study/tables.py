@@ -297,7 +297,7 @@ class StudyTables(Callback):
                 if trial.status == "ERROR":
                     self.on_trial_error(iteration=0, trials=trials, trial=trial)
                 elif trial.status == "TERMINATED":
-                    self._amend(trial, _outcome_of(trial))
+                    self._amend(trial, Outcome.of_trial(trial))
 
     def _rebuild(self, trial: Any, rows: list[MemberRows]) -> None:
         with trial.checkpoint.as_directory() as directory:
@@ -308,7 +308,7 @@ class StudyTables(Callback):
             self.stored[row.row_id] = row.status.value
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        outcome = _outcome_of(trial)
+        outcome = Outcome.of_trial(trial)
         if outcome.status is not Status.FINISHED or trial.num_failures:
             self._amend(trial, outcome)  # else the trial's own last write says it all
         if outcome.status is Status.FINISHED and trial.num_failures:
@@ -349,10 +349,6 @@ def _remove_error_files(trial: Any) -> None:
             os.remove(os.path.join(trial.local_path, name))
         with contextlib.suppress(OSError):
             storage.storage_filesystem.delete_file(f"{storage.trial_fs_path}/{name}")
-
-
-def _outcome_of(trial: Any) -> Outcome:
-    return Outcome.of_result(trial.last_result, trial.config["iterations"])
 
 
 def unreadable_fragments(store: ResultsStore, table: str) -> list[str]:

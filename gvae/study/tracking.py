@@ -44,8 +44,7 @@ def _mlflow_callback(tracking_uri: str | None, experiment: str) -> Callback:
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             super().log_trial_end(trial, failed=failed)
-            iterations = trial.config.get("iterations")
-            outcome = Outcome.of_result(trial.last_result, iterations).status
+            outcome = Outcome.of_trial(trial).status
             status = Status.FAILED.value if failed else outcome.value
             client = mlflow.MlflowClient(tracking_uri)
             found = client.get_experiment_by_name(experiment)
