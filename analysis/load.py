@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from gvae.errors import GvaeError
+from gvae.io import check_reachable
 from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
 from gvae.study.spec import StudySpec, parse_study, read_yaml
 
@@ -28,6 +29,7 @@ class Study:
 def load_study(name: str, storage: str = "results") -> Study:
     """The study `name` under `storage` (a folder or a URI such as s3://bucket/gvae)."""
     store = ResultsStore(study_uri(storage, name))
+    check_reachable(store.uri)
     if not store.exists(SPEC_FILE):
         raise GvaeError(
             f"name: no study named {name!r} under {storage}; pass --storage or run "

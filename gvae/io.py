@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gvae.errors import GvaeError
+
 # errno values that mean "no room left" rather than a broken path or a lost connection.
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -293,3 +295,31 @@ class AtomicLocalHandler(pafs.FileSystemHandler):
 
 def atomic_local_filesystem() -> pafs.FileSystem:
     return pafs.PyFileSystem(AtomicLocalHandler())
+
+
+def check_reachable(uri: str) -> None:
+    """Before a command uses a study on an object store: one that does not answer is a wrong
+    endpoint or a store that is down rather than a stall, so pyarrow's own few attempts, then one
+    line (the study's own requests are retried for minutes). What a store that answers says is
+    left to the command."""
+    if "://" not in uri:
+        return
+    fs, path = pafs.FileSystem.from_uri(uri)
+    try:
+        fs.get_file_info(path)
+    except OSError as error:
+        if unreachable(str(error)):
+            first = str(error).strip().splitlines()[0].rstrip(".")
+            raise GvaeError(
+                f"storage: cannot reach {uri}: {first}; check endpoint_override and that the "
+                "store is running (docs/cluster.md)"
+            ) from None
+
+
+# How the AWS SDK under pyarrow reports a store that never answered (it stalled, refused the
+# connection, or could not be resolved), as against one that answered with an error.
+UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "Couldn't connect")
+
+
+def unreachable(error_text: str) -> bool:
+    return any(marker in error_text for marker in UNREACHABLE)

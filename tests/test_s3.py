@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 
 from analysis.suggestions import optuna_study
+from gvae.cli import main
 from gvae.errors import GvaeError
 from gvae.study.lease import StudyLease
 from gvae.study.results import CURVES, TRIALS, ResultsStore, study_uri
@@ -173,6 +174,26 @@ def test_the_lease_on_s3_keeps_a_second_driver_off_until_it_lapses(s3, monkeypat
     assert second.holder().token == second.token
     second.release()
     assert second.holder() is None
+
+
+@pytest.mark.parametrize(
+    "command", [["study", "status", "nos3"], ["study", "resume", "nos3"], ["report", "nos3"]]
+)
+def test_commands_on_a_study_where_nothing_answers_say_so_in_one_line(
+    command, tmp_path, monkeypatch, capsys
+):
+    # Its requests would each be retried for minutes; a store that never answered is a wrong
+    # endpoint or one that is down, told after pyarrow's few attempts.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "any")
+    monkeypatch.chdir(tmp_path)
+    uri = storage({"endpoint": f"127.0.0.1:{free_port()}"})
+    assert main([*command, "--storage", uri]) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1
+    assert line.startswith(f"gvae: error: storage: cannot reach {study_uri(uri, 'nos3')}: ")
+    assert line.rstrip().endswith("and that the store is running (docs/cluster.md)")
+    assert list(tmp_path.iterdir()) == []  # no report folder
 
 
 @pytest.mark.parametrize("fault", ["wrong-bucket", "bad-credentials", "wrong-endpoint"])

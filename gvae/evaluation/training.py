@@ -92,7 +92,7 @@ def _hash(recipe: dict) -> str:
 
 
 @contextlib.contextmanager
-def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
+def _isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the global RNGs for training, then restore the caller's streams exactly."""
     cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
@@ -190,7 +190,7 @@ def train_evaluator(
     device = torch.device(device)
     channels = dataset.image_shape[0]
     started = time.perf_counter()
-    with _private_rng(device, SEED):
+    with _isolated_rng(device, SEED):
         if attributes:
             _check_mode_attributes(dataset)
             steps = attribute_steps(len(dataset.train_labels), epochs)

@@ -30,14 +30,9 @@ from sqlalchemy.engine import make_url
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
-from gvae.io import atomic_local_filesystem
+from gvae.io import atomic_local_filesystem, check_reachable
 from gvae.study import compat
-from gvae.study.faults import (
-    StopWhenStorageFails,
-    check_reachable,
-    resume_command,
-    storage_errors,
-)
+from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
 from gvae.study.lease import StudyLease
 from gvae.study.outcome import ENDED
 from gvae.study.packs import SEEDS
@@ -281,6 +276,7 @@ def repair_study(storage: str, name: str, log: Callable[[str], None] = print) ->
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
     """The spec a study ran with, for `gvae study resume NAME`."""
     store = ResultsStore(study_uri(storage, name))
+    check_reachable(store.uri)
     if not _exists(store, SPEC_FILE):
         raise GvaeError(
             f"study: no study named {name!r} under {storage}; run `gvae study run FILE` first "

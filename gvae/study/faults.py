@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from gvae.errors import GvaeError
-from gvae.io import S3_ATTEMPTS, StorageFull, is_full
+from gvae.io import S3_ATTEMPTS, StorageFull, is_full, unreachable
 from gvae.study.outcome import error_line, trial_error_text
 
 
@@ -79,32 +78,6 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
         ) from None
-
-
-def check_reachable(uri: str) -> None:
-    """At a study's start, a store that does not answer is a wrong endpoint or a store that is
-    down rather than a stall: pyarrow's own few attempts, then one line (the study's own requests
-    are retried for minutes). What a store that answers says is left to `storage_errors`."""
-    if "://" not in uri:
-        return
-    fs, path = pafs.FileSystem.from_uri(uri)
-    try:
-        fs.get_file_info(path)
-    except OSError as error:
-        if unreachable(str(error)):
-            raise GvaeError(
-                f"storage: cannot reach {uri}: {_first_line(error)}; check endpoint_override "
-                "and that the store is running (docs/cluster.md)"
-            ) from None
-
-
-# How the AWS SDK under pyarrow reports a store that never answered (it stalled, refused the
-# connection, or could not be resolved), as against one that answered with an error.
-UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "Couldn't connect")
-
-
-def unreachable(error_text: str) -> bool:
-    return any(marker in error_text for marker in UNREACHABLE)
 
 
 def _first_line(error: OSError) -> str:
