@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import pandas as pd
 import psutil
@@ -216,8 +217,14 @@ def test_force_waits_until_the_driver_it_took_the_study_from_has_stopped(tmp_pat
 
 
 def test_ctrl_c_exits_130_with_how_far_it_got_and_the_command_that_continues(cluster, tmp_path):
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = write_study(
-        tmp_path, "sigint", models=["vae"], search={"grid": {"seed": [0, 1]}}, **LONG
+        tmp_path,
+        "sigint",
+        models=["vae"],
+        search={"grid": {"seed": [0, 1]}},
+        tracking={"mlflow": {"tracking_uri": mlflow_uri}},
+        **LONG,
     )
     driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
     wait_for(lambda: "finished" in set(rows(tmp_path, "sigint").status))
@@ -239,6 +246,17 @@ def test_ctrl_c_exits_130_with_how_far_it_got_and_the_command_that_continues(clu
     trials, curves = tables(tmp_path, "sigint")
     assert len(trials) == 2 and set(trials.status) == {"finished"}
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+    # MLflow: the trial the interrupt stopped went on in the run it began in.
+    client = mlflow.MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("sigint").experiment_id
+    runs = client.search_runs([experiment])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+        trial_id = next(t for t in trials.trial_id if run.data.tags["trial_name"].endswith(t))
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "mode_entropy")]
+        assert sorted(set(steps)) == curves[curves.trial_id == trial_id].iteration.tolist()
 
 
 # 5. A full disk --------------------------------------------------------------------------------
