@@ -81,13 +81,13 @@ class TrialRecord:
         point = {key: value for key, value in metrics.items() if key not in ARRAYS}
         row.curve = [p for p in row.curve if p["iteration"] < point["iteration"]] + [point]
         row.arrays = {key: metrics[key] for key in ARRAYS if key in metrics}  # at the last one
-        if point["iteration"] == row.fields["iterations"]:  # its last report: written finished
-            row.status = Status.FINISHED
 
     def end(self, outcomes: list[TrialOutcome]) -> None:
-        """The trainer's outcomes: each member's whole curve and last arrays, written unless the
-        last report wrote them already (a member that finished)."""
-        before = [(row.curve, row.arrays, row.status) for row in self.rows]
+        """The trainer's outcomes: each member's whole curve and last arrays.
+
+        Written once the last report has returned, when Tune has the trial's last result: rows
+        that said `finished` before Tune knew it would count a trial done that a study stopped
+        meanwhile resumes as unfinished (its own rows then end it without training)."""
         for row, outcome in zip(self.rows, outcomes, strict=True):
             row.curve = outcome.curve
             row.arrays = {key: outcome.final[key] for key in ARRAYS if key in outcome.final}
@@ -95,8 +95,7 @@ class TrialRecord:
                 row.status = Status.FINISHED
             elif row.status is not Status.DIVERGED:
                 self.note(row, _divergence(outcome.diverged))
-        if before != [(row.curve, row.arrays, row.status) for row in self.rows]:
-            self.write()
+        self.write()
 
     def stop(self, outcome: Outcome) -> None:
         """The trial ends without finishing: its rows and its last report say how."""
