@@ -309,10 +309,9 @@ def check_reachable(uri: str) -> None:
         fs.get_file_info(path)
     except OSError as error:
         if unreachable(str(error)):
-            first = str(error).strip().splitlines()[0].rstrip(".")
             raise GvaeError(
-                f"storage: cannot reach {uri}: {first}; check endpoint_override and that the "
-                "store is running (docs/cluster.md)"
+                f"storage: cannot reach {uri}: {first_line(error)}; check endpoint_override and "
+                "that the store is running (docs/cluster.md)"
             ) from None
 
 
@@ -323,3 +322,9 @@ UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Timeout was reached", "Couldn'
 
 def unreachable(error_text: str) -> bool:
     return any(marker in error_text for marker in UNREACHABLE)
+
+
+def first_line(error: OSError) -> str:
+    """A storage error's first line: the AWS SDK under pyarrow adds its details below it."""
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(".") if lines else repr(error)

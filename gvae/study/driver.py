@@ -127,11 +127,7 @@ def _run_leased(
     # thread, where it installs its signal handlers.
     with ThreadPoolExecutor(1, thread_name_prefix="gvae-data") as pool:
         loading = pool.submit(_load_data, spec, data_root, log)
-        try:
-            ray_start.wait(log)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        ray_start.wait(log)
         image_sizes, evaluator_states = loading.result()
     check_resources(spec, resource_wait if ray_start.address else 0.0, log)
     resumed = _has_saved_state(store)

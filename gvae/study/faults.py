@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from gvae.errors import GvaeError
-from gvae.io import S3_ATTEMPTS, StorageFull, is_full, unreachable
+from gvae.io import S3_ATTEMPTS, StorageFull, first_line, is_full, unreachable
 from gvae.study.outcome import error_line, trial_error_text
 
 
@@ -68,7 +68,7 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             ) from None
         if "://" not in uri:
             raise
-        first = _first_line(error)
+        first = first_line(error)
         if unreachable(str(error)):
             raise GvaeError(
                 f"storage: {uri} did not answer through {S3_ATTEMPTS} attempts of a request "
@@ -78,8 +78,3 @@ def storage_errors(uri: str, resume: str) -> Iterator[None]:
             f"storage: cannot use {uri}: {first}; check the bucket name, the credentials "
             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and endpoint_override (docs/cluster.md)"
         ) from None
-
-
-def _first_line(error: OSError) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].rstrip(".") if lines else repr(error)
