@@ -5,6 +5,7 @@ diverged Optuna trials, requests no node can meet, two drivers on one study, Ctr
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -352,6 +353,9 @@ def test_failed_writes_leave_the_old_file_and_no_temporary_file(tmp_path):
             )
         assert sorted(p.name for p in mount.iterdir()) == ["t.parquet"]
         assert pd.read_parquet(mount / "t.parquet").a.tolist() == [1]  # the old table, whole
+        # Sent to a trial, the filesystem is pyarrow's own: trials copy checkpoints natively.
+        sent = pickle.loads(pickle.dumps(atomic_local_filesystem()))
+        assert type(sent) is pafs.LocalFileSystem
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
