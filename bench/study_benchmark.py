@@ -15,9 +15,12 @@ header line and one line per run (see README.md).
    many bytes to the disk), actors reused. `--small-checkpoint` makes it a few bytes instead,
    which charges gvae for its model's size as well.
 
-Each run's wall time is also split into its startup (command start to the first trial's start:
-imports, starting Ray, the first worker), its trial phase (first trial start to last trial end,
-against the same minimum) and its teardown (last trial end to the command's exit).
+Before plain Tune runs, the gvae study's folder is removed and the disk synced (`os.sync`), so
+that it starts as gvae did: without gigabytes of the other run's checkpoints in the page cache or
+waiting to be written back. Each run's wall time is also split into its startup (command start
+to the first trial's start: imports, starting Ray, the first worker), its trial phase (first
+trial start to last trial end, against the same minimum) and its teardown (last trial end to the
+command's exit).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def settle() -> None:
+    """Write every dirty page to disk before a run: each run writes gigabytes of checkpoints, and
+    the next one would otherwise pay for the disk writing them back."""
+    tick = time.perf_counter()
+    os.sync()
+    print(f"  sync before the next run: {time.perf_counter() - tick:.1f} s", flush=True)
 
 
 def run_gvae(study: Path, storage: Path) -> tuple[float, float, int]:
@@ -175,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gvae-study-bench-") as folder:
         study = args.study or tiny_study(Path(folder), args)
         name = yaml.safe_load(study.read_text())["name"]
+        settle()
         start, wall, lines = run_gvae(study, Path(folder) / "results")
         table = pd.read_parquet(Path(folder) / "results" / name / "trials.parquet")
         # started_at: when Tune started the trial; wall_seconds: the trial's own time.
@@ -192,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         median = float(trials.seconds.median())
         size = 8 if args.small_checkpoint else checkpoint_size(Path(folder) / "results" / name)
         print(f"  checkpoint: {size / 1e6:.2f} MB per trial for plain Tune", flush=True)
+        shutil.rmtree(Path(folder) / "results")
+        settle()
         plain_start, plain_wall, plain = run_plain(
             len(trials), median, size, Path(folder) / "plain"
         )
