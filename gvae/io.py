@@ -231,9 +231,9 @@ class _AtomicFile(io.RawIOBase):
 class AtomicLocalHandler(pafs.FileSystemHandler):
     """pyarrow's local filesystem, except that every file is written whole or not at all.
 
-    Ray Tune overwrites its experiment state and writes checkpoints in place; on a disk that
-    fills up mid-write that leaves cut-short files that a resume cannot read. Given to Tune as
-    its `storage_filesystem`, this keeps the last whole version of each file instead.
+    Ray Tune overwrites its experiment state in place; on a disk that fills up mid-write that
+    leaves a cut-short state that a resume cannot read. Given to Tune's driver as its
+    `storage_filesystem` (AtomicWhereMade), this keeps the last whole version of each file.
     """
 
     def __init__(self) -> None:
