@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import pickle
 import subprocess
 import sys
+from typing import Any
 
 import optuna
 import pyarrow.fs as pafs
@@ -16,7 +18,7 @@ from ray.tune import Experiment
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch as RayOptunaSearch
 
-from gvae.io import RetryingS3FileSystem, resolve
+from gvae.io import AtomicLocalHandler, RetryingS3FileSystem, resolve
 from gvae.study import compat
 
 
@@ -120,6 +122,36 @@ def test_a_journal_kept_on_the_drivers_disk_reaches_its_mirror_with_each_saved_s
     search.suggest("t1")
     study = optuna.load_study(study_name="s", storage=compat.journal_storage(str(mirror)))
     assert [t.state.name for t in study.trials] == ["RUNNING"]  # as of the saved state
+
+
+class WitnessHandler(AtomicLocalHandler):
+    """A local filesystem that notes, at each file it writes, whether `watched` exists yet."""
+
+    def __init__(self, watched: str) -> None:
+        super().__init__()
+        self.watched, self.seen = watched, []
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        self.seen.append(os.path.exists(self.watched))
+        return super().open_output_stream(path, metadata)
+
+
+def test_the_journal_reaches_its_mirror_before_the_searcher_state_that_knows_it(tmp_path):
+    # Tune uploads a saved state in the background, and an upload still running can carry the
+    # next save's state: the mirror must hold the journal before that state exists.
+    local, mirror, state = tmp_path / "j", tmp_path / "mirror", tmp_path / "searcher.pkl"
+    witness = WitnessHandler(str(state))
+    search = compat.OptunaSearch(
+        space={"lam": tune.uniform(0.0, 1.0)},
+        metric="m",
+        mode="max",
+        study_name="s",
+        journal=str(local),
+        mirror=(pafs.PyFileSystem(witness), str(mirror)),
+    )
+    search.suggest("t0")
+    search.save(str(state))
+    assert witness.seen == [False] and state.exists()
 
 
 def first_trial_after_a_resume(generator_class: type, tmp_path, **target) -> str:

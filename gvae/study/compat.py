@@ -90,8 +90,11 @@ class OptunaSearch(ray_optuna.OptunaSearch):
       with its Optuna storage, whose journal path is where the study folder was when it was
       saved, and a moved study folder would be written at its old place.
     - A journal kept on the driver's disk for a study on an object store is copied to its
-      `mirror` (filesystem, path) each time Tune saves the searcher's state, so the study folder
-      never holds a searcher that knows trials its journal lacks, even after a kill.
+      `mirror` (filesystem, path) each time Tune saves the searcher's state, before that state
+      is written: Tune uploads its saved state in the background, and an upload still running
+      from the previous save can carry this one's state, so the mirror must already hold every
+      ask and tell that state knows. Then a killed study never resumes with a searcher that
+      told Optuna of a trial its journal still has running, which would stay running for good.
     """
 
     def __init__(
@@ -107,10 +110,10 @@ class OptunaSearch(ray_optuna.OptunaSearch):
         self.journal, self.mirror = journal, mirror
 
     def save(self, checkpoint_path: str) -> None:
-        super().save(checkpoint_path)
         if self.journal is not None and self.mirror is not None:
             filesystem, path = self.mirror
             pafs.copy_files(self.journal, path, destination_filesystem=filesystem)
+        super().save(checkpoint_path)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
