@@ -74,24 +74,25 @@ def checkpoint_files(storage: Path, name: str, trial_id: str) -> list[Path]:
     return sorted((storage / name / "tune").glob(f"train_trial_{trial_id}_*/checkpoint_*/*.pt"))
 
 
-def tune_state_names_a_checkpoint(storage: Path, name: str) -> bool:
-    """Whether the experiment state Tune last saved names a checkpoint of an unfinished trial:
+def named_checkpoint(storage: Path, name: str) -> Path | None:
+    """The checkpoint of an unfinished trial that the experiment state Tune last saved names:
     Tune saves it every 10 s or so, so a trial's first checkpoints may not be named yet."""
     try:
         analysis = tune.ExperimentAnalysis(str(storage / name / "tune"))
     except (ValueError, OSError):  # not saved yet, or caught mid-write
-        return False
-    return any(
-        trial.status != "TERMINATED" and analysis.get_last_checkpoint(trial) is not None
-        for trial in analysis.trials
-    )
+        return None
+    for trial in analysis.trials:
+        checkpoint = analysis.get_last_checkpoint(trial)
+        if trial.status != "TERMINATED" and checkpoint is not None:
+            return Path(checkpoint.path)
+    return None
 
 
 def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(cluster, tmp_path):
     long = {**LONG, "iterations": 4000}  # long enough for Tune to save its state meanwhile
     study = write_study(tmp_path, "cut", models=["vae"], search={"grid": {"seed": [0]}}, **long)
     driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
-    wait_for(lambda: tune_state_names_a_checkpoint(tmp_path, "cut"))
+    wait_for(lambda: named_checkpoint(tmp_path, "cut") is not None)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     (trial_id,) = rows(tmp_path, "cut").trial_id
@@ -178,3 +179,31 @@ def test_a_moved_study_folder_resumes_where_it_is_now(cluster, tmp_path):
     trials, curves = tables(new, "mv")
     assert len(trials) == 2 and set(trials.status) == {"finished"}
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
+
+
+def test_a_checkpoint_tune_removed_after_its_last_saved_state_leaves_the_newest(cluster, tmp_path):
+    # Tune keeps the last two checkpoints of a trial: it removes an older one once a newer one
+    # is registered, before its saved state names the newer one.
+    long = {**LONG, "iterations": 4000}
+    study = write_study(tmp_path, "gone", models=["vae"], search={"grid": {"seed": [0]}}, **long)
+    driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
+
+    def named_and_another() -> bool:
+        named = named_checkpoint(tmp_path, "gone")
+        others = {p.parent for p in checkpoint_files(tmp_path, "gone", "*")} - {named}
+        return named is not None and bool(others)
+
+    wait_for(named_and_another)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    named = named_checkpoint(tmp_path, "gone")
+    shutil.rmtree(named)
+    newest = max(p.parent for p in checkpoint_files(tmp_path, "gone", "*"))
+
+    output = run_to_the_end(cluster, "gone", tmp_path)
+    (line,) = [line for line in output.splitlines() if f"checkpoint {named} is gone" in line]
+    assert line.endswith(f"it resumes from {newest}"), line
+    assert "Could not recover" not in output and "Traceback" not in output, output[-3000:]
+    trials, curves = tables(tmp_path, "gone")
+    assert trials.status.tolist() == ["finished"] and trials.retries.tolist() == [0]
+    assert curves.iteration.tolist() == list(range(250, 4001, 250))

@@ -9,12 +9,14 @@ import os
 import pickle
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
 import pyarrow.fs as pafs
 from ray import tune
 from ray.tune import Experiment
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch as RayOptunaSearch
 
@@ -152,6 +154,37 @@ def test_the_journal_reaches_its_mirror_before_the_searcher_state_that_knows_it(
     search.suggest("t0")
     search.save(str(state))
     assert witness.seen == [False] and state.exists()
+
+
+def limited_search(journal: str) -> ConcurrencyLimiter:
+    space = {"lam": tune.uniform(0.0, 1.0)}
+    search = compat.OptunaSearch(
+        space=space, metric="m", mode="max", study_name="s", journal=journal
+    )
+    return ConcurrencyLimiter(search, max_concurrent=1)
+
+
+def test_a_searcher_restored_from_a_save_older_than_its_trials_hears_how_they_ended(tmp_path):
+    # Tune's background upload can carry a trial that ended beside a searcher that never heard
+    # of it: restored, the searcher waits for that trial for good.
+    journal, saved = str(tmp_path / "j"), str(tmp_path / "searcher.pkl")
+    first = limited_search(journal)
+    first.suggest("t0")
+    state = first.get_state()
+    first.save(saved)
+    restored = limited_search(journal)
+    restored.set_state(state)
+    restored.restore(saved)
+    assert restored.suggest("t1") is None  # the limit's slot is still t0's
+
+    ended = SimpleNamespace(trial_id="t0", status="TERMINATED", last_result={"m": 0.5})
+    catch_up = compat.CatchUpSearcher(restored)
+    catch_up.on_step_begin(iteration=0, trials=[ended])
+    catch_up.on_step_begin(iteration=1, trials=[ended])  # once, at the first step
+    restored.on_trial_complete("t0", {"m": 0.9})  # told already: ignored
+    assert restored.suggest("t1") is not None
+    study = optuna.load_study(study_name="s", storage=compat.journal_storage(journal))
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.5), ("RUNNING", None)]
 
 
 def first_trial_after_a_resume(generator_class: type, tmp_path, **target) -> str:

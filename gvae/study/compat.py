@@ -19,15 +19,17 @@ import contextlib
 import copy
 import logging
 import math
+import posixpath
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
 import pyarrow.fs as pafs
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from ray.tune import Callback
 from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
@@ -95,6 +97,8 @@ class OptunaSearch(ray_optuna.OptunaSearch):
       from the previous save can carry this one's state, so the mirror must already hold every
       ask and tell that state knows. Then a killed study never resumes with a searcher that
       told Optuna of a trial its journal still has running, which would stay running for good.
+    - An outcome it was told already, or of a trial suggested after the state it was restored
+      from, is ignored: CatchUpSearcher tells a resumed study's searcher every ended trial.
     """
 
     def __init__(
@@ -118,6 +122,8 @@ class OptunaSearch(ray_optuna.OptunaSearch):
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return  # told already, or suggested after the state it was restored from
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [(result or {}).get(metric) for metric in metrics]
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
@@ -141,6 +147,81 @@ class OptunaSearch(ray_optuna.OptunaSearch):
             }
         known = {trial.number for trial in self._ot_trials.values()}
         _fail_orphans(self._ot_study, known)
+
+
+class CatchUpSearcher(Callback):
+    """Tell a resumed study's searcher how each trial that Tune's saved state has ended ended.
+
+    Tune saves its trials and its searcher together, then uploads the files to storage in the
+    background, one after another; an upload still running when the next save is written can
+    carry files of both saves, so a trial ended in one and a searcher that never heard of it in
+    the other. Restored from such a pair, the searcher would wait for a trial that never runs
+    again: Optuna's trial stays running, and a concurrency limit keeps its slot for good.
+    Tune's searchers and gvae's ignore an outcome they already have, so the others pass.
+    """
+
+    def __init__(self, search_alg: Any) -> None:
+        self.search_alg, self.caught_up = search_alg, False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.caught_up:
+            return
+        self.caught_up = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                error = trial.status == "ERROR"
+                result = None if error else trial.last_result
+                self.search_alg.on_trial_complete(trial.trial_id, result=result, error=error)
+
+
+class FallBackToNewestCheckpoint(Callback):
+    """Resume each unfinished trial from its newest checkpoint when the one Tune's saved state
+    names is gone.
+
+    Tune keeps a trial's last `num_to_keep` checkpoints and deletes an older one as soon as a
+    newer one is registered, while the state naming the newer one reaches storage only with its
+    next snapshot, uploaded in the background. A driver killed in between leaves a saved state
+    that names a deleted checkpoint, and the resumed trial fails every retry with "Could not
+    recover from checkpoint as it does not exist on storage anymore". Ray 2.1 restored such a
+    trial from its newest checkpoint (ray-project/ray PR 29099); the storage rewrite of Ray 2.7
+    dropped that. At the first step of a resumed study, before any trial starts, a named
+    checkpoint that is gone is replaced by a copy of the trial's newest one, which Tune restores.
+    """
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log, self.checked = log, False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        for trial in trials:
+            named = trial.checkpoint
+            if trial.status in ("TERMINATED", "ERROR") or named is None:
+                continue
+            filesystem = named.filesystem
+            if filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
+                continue
+            newest = _newest_checkpoint(filesystem, posixpath.dirname(named.path))
+            if newest is None:
+                continue  # Tune fails the trial, with its own message
+            filesystem.create_dir(named.path, recursive=True)
+            pafs.copy_files(newest, named.path, filesystem, filesystem)
+            self.log(
+                f"trial {trial.trial_id}: its checkpoint {named.path} is gone (Tune removed it "
+                f"after saving the state the study resumes from); it resumes from {newest}"
+            )
+
+
+def _newest_checkpoint(filesystem: pafs.FileSystem, trial_path: str) -> str | None:
+    """The newest of a trial's checkpoint folders (checkpoint_000003 after _000002)."""
+    selector = pafs.FileSelector(trial_path, allow_not_found=True)
+    folders = [
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    ]
+    return max(folders, key=posixpath.basename, default=None)
 
 
 def _fail_orphans(study: optuna.Study, known: set[int]) -> None:

@@ -142,7 +142,7 @@ def _run_leased(
     with _optuna_journal(spec, store, log) as journal:
         experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
         search = tune_search(spec, image_sizes, journal, experiments)
-        _fit(spec, store, tables, evaluator_states, search, resumed, verbose)
+        _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
@@ -180,6 +180,7 @@ def _fit(
     search: dict[str, Any],
     resumed: bool,
     verbose: bool,
+    log: Callable[[str], None],
 ) -> None:
     """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
     this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
@@ -190,6 +191,9 @@ def _fit(
     )
     # The guard first: it stops the study before a trial is recorded failed for a full disk.
     callbacks = [StopWhenStorageFails(store.uri), tables, *tracker_callbacks(spec)]
+    if resumed:  # before the tables, which rebuild lost rows from the checkpoints
+        callbacks.insert(1, compat.FallBackToNewestCheckpoint(log))
+        callbacks.append(compat.CatchUpSearcher(search["search_alg"]))
     try:
         with compat.sigterm_interrupts():
             tune.run(

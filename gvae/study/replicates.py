@@ -57,6 +57,8 @@ class SeedReplicates(Searcher):
         if suggestion is None:
             return  # a trial of an earlier run that this searcher never suggested
         outcomes = self.outcomes.setdefault(suggestion, {})
+        if trial_id in outcomes:
+            return  # told already (compat.CatchUpSearcher tells a resumed study's again)
         outcomes[trial_id] = None if error else self._objective_values(result)
         if len(outcomes) < self.replicates:
             return
