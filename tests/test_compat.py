@@ -40,6 +40,22 @@ def test_tune_reads_the_snapshot_warning_threshold_compat_sets():
     assert variable in inspect.getsource(experiment_state)
 
 
+def test_tune_still_fails_a_trial_whose_named_checkpoint_is_gone():
+    # What compat.FallBackToNewestCheckpoint works around: Tune deletes a trial's older
+    # checkpoint when a newer one is registered, snapshots its state only at the next step
+    # (`num_to_keep` checkpoints after the last snapshot), and refuses to restore from a
+    # checkpoint that is gone. The day one of these changes, the workaround is looked at again.
+    from ray.tune.execution import tune_controller
+    from ray.tune.trainable import Trainable
+
+    assert "Could not recover from checkpoint as it does not exist" in inspect.getsource(
+        Trainable.restore
+    )
+    assert "sync_every_n_trial_checkpoints=self._trial_checkpoint_config.num_to_keep" in (
+        inspect.getsource(tune_controller)
+    )
+
+
 def tell_nan(searcher_class: type) -> str:
     """The state Optuna records for a trial that ended with a NaN objective."""
     storage = optuna.storages.InMemoryStorage()
