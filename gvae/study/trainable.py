@@ -121,6 +121,10 @@ def train_trial(
     evaluator = _cached_evaluator(evaluator_states[configs[0].dataset], device)
     context = _context(device, evaluator)
     record = TrialRecord(tables, member_rows(tune.get_context().get_trial_id(), params), context)
+    finished = _finished_result(record)
+    if finished is not None:
+        tune.report({**finished, **context})
+        return
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
         resume_from = Path(directory) if directory else None
@@ -128,10 +132,6 @@ def train_trial(
             record.notice = f"checkpoint {checkpoint.path} cannot be read; the trial starts over"
             resume_from = None
         if resume_from is not None:
-            finished = _finished_result(record)
-            if finished is not None:
-                tune.report({**finished, **context})
-                return
             record.restore(resume_from)
         record.write()
         try:
@@ -210,8 +210,10 @@ def _finished_result(record: TrialRecord) -> dict[str, Any] | None:
     """The last evaluation of a trial whose own rows say that every member finished, else None.
 
     A driver killed after a trial's last write, before Tune's next snapshot of its state,
-    restores the trial from an older checkpoint; its rows already hold the whole run, so the
-    trial reports that run's last evaluation again instead of training its end twice."""
+    restores the trial from an older checkpoint, or from none if that snapshot named none yet;
+    its rows already hold the whole run, so the trial reports that run's last evaluation again
+    instead of training it twice (nor fetching its checkpoint). A new trial has no rows: one
+    missing file."""
     trials = FragmentedTable(record.store, TRIALS, record.tables.trials)
     curves = FragmentedTable(record.store, CURVES, record.tables.curves)
     last_points = []
