@@ -122,18 +122,20 @@ def test_a_restored_optuna_search_on_a_database_fails_the_suggestions_its_state_
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
 
 
+def mirrored_search(journal: str, filesystem: pafs.FileSystem, mirror: str) -> compat.OptunaSearch:
+    """An Optuna search whose journal, on this disk, is copied to `mirror` on `filesystem`."""
+    space = {"lam": tune.uniform(0.0, 1.0)}
+    where = (filesystem, mirror)
+    return compat.OptunaSearch(
+        space=space, metric="m", mode="max", study_name="s", journal=journal, mirror=where
+    )
+
+
 def test_a_journal_kept_on_the_drivers_disk_reaches_its_mirror_with_each_saved_state(tmp_path):
     local, mirror = tmp_path / "driver" / "j", tmp_path / "study" / "j"
     local.parent.mkdir()
     mirror.parent.mkdir()
-    search = compat.OptunaSearch(
-        space={"lam": tune.uniform(0.0, 1.0)},
-        metric="m",
-        mode="max",
-        study_name="s",
-        journal=str(local),
-        mirror=(pafs.LocalFileSystem(), str(mirror)),
-    )
+    search = mirrored_search(str(local), pafs.LocalFileSystem(), str(mirror))
     search.suggest("t0")
     assert not mirror.exists()  # written only with a saved state
     search.save_to_dir(str(tmp_path), session_str="x")
@@ -159,14 +161,7 @@ def test_the_journal_reaches_its_mirror_before_the_searcher_state_that_knows_it(
     # next save's state: the mirror must hold the journal before that state exists.
     local, mirror, state = tmp_path / "j", tmp_path / "mirror", tmp_path / "searcher.pkl"
     witness = WitnessHandler(str(state))
-    search = compat.OptunaSearch(
-        space={"lam": tune.uniform(0.0, 1.0)},
-        metric="m",
-        mode="max",
-        study_name="s",
-        journal=str(local),
-        mirror=(pafs.PyFileSystem(witness), str(mirror)),
-    )
+    search = mirrored_search(str(local), pafs.PyFileSystem(witness), str(mirror))
     search.suggest("t0")
     search.save(str(state))
     assert witness.seen == [False] and state.exists()

@@ -149,7 +149,23 @@ class OptunaSearch(ray_optuna.OptunaSearch):
         _fail_orphans(self._ot_study, known)
 
 
-class CatchUpSearcher(Callback):
+class AtResume(Callback):
+    """A callback that acts once, at the first step of a resumed study, before any trial starts:
+    Tune has restored its trials from its saved state, and calls nothing earlier with them."""
+
+    def __init__(self) -> None:
+        self.resumed = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.resumed:
+            self.resumed = True
+            self.resume(trials)
+
+    def resume(self, trials: list) -> None:
+        raise NotImplementedError
+
+
+class CatchUpSearcher(AtResume):
     """Tell a resumed study's searcher how each trial that Tune's saved state has ended ended.
 
     Tune saves its trials and its searcher together, then uploads the files to storage in the
@@ -161,12 +177,10 @@ class CatchUpSearcher(Callback):
     """
 
     def __init__(self, search_alg: Any) -> None:
-        self.search_alg, self.caught_up = search_alg, False
+        super().__init__()
+        self.search_alg = search_alg
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.caught_up:
-            return
-        self.caught_up = True
+    def resume(self, trials: list) -> None:
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 error = trial.status == "ERROR"
@@ -174,7 +188,7 @@ class CatchUpSearcher(Callback):
                 self.search_alg.on_trial_complete(trial.trial_id, result=result, error=error)
 
 
-class FallBackToNewestCheckpoint(Callback):
+class FallBackToNewestCheckpoint(AtResume):
     """Resume each unfinished trial from its newest checkpoint when the one Tune's saved state
     names is gone.
 
@@ -189,12 +203,10 @@ class FallBackToNewestCheckpoint(Callback):
     """
 
     def __init__(self, log: Callable[[str], None]) -> None:
-        self.log, self.checked = log, False
+        super().__init__()
+        self.log = log
 
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.checked:
-            return
-        self.checked = True
+    def resume(self, trials: list) -> None:
         for trial in trials:
             named = trial.checkpoint
             if trial.status in ("TERMINATED", "ERROR") or named is None:
