@@ -211,9 +211,9 @@ def _finished_result(record: TrialRecord) -> dict[str, Any] | None:
 
     A driver killed after a trial's last write, before Tune's next snapshot of its state,
     restores the trial from an older checkpoint, or from none if that snapshot named none yet;
-    its rows already hold the whole run, so the trial reports that run's last evaluation again
-    instead of training it twice (nor fetching its checkpoint). A new trial has no rows: one
-    missing file."""
+    its rows already hold the whole run, so the trial reports that run's last evaluation again,
+    without fetching a checkpoint or training. For a new trial, which has no rows, the check
+    costs one look for a missing file."""
     trials = FragmentedTable(record.store, TRIALS, record.tables.trials)
     curves = FragmentedTable(record.store, CURVES, record.tables.curves)
     last_points = []
