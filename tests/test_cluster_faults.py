@@ -202,8 +202,9 @@ def test_a_checkpoint_tune_removed_after_its_last_saved_state_leaves_the_newest(
 
     output = run_to_the_end(cluster, "gone", tmp_path)
     (line,) = [line for line in output.splitlines() if f"checkpoint {named} is gone" in line]
-    assert line.endswith(f"it resumes from {newest}"), line
+    assert f"it resumes from its newest, {newest}, " in line, line
     assert "Could not recover" not in output and "Traceback" not in output, output[-3000:]
     trials, curves = tables(tmp_path, "gone")
     assert trials.status.tolist() == ["finished"] and trials.retries.tolist() == [0]
     assert curves.iteration.tolist() == list(range(250, 4001, 250))
+    assert len({p.parent for p in checkpoint_files(tmp_path, "gone", "*")}) == 2  # as Tune keeps

@@ -198,8 +198,8 @@ class FallBackToNewestCheckpoint(AtResume):
     that names a deleted checkpoint, and the resumed trial fails every retry with "Could not
     recover from checkpoint as it does not exist on storage anymore". Ray 2.1 restored such a
     trial from its newest checkpoint (ray-project/ray PR 29099); the storage rewrite of Ray 2.7
-    dropped that. At the first step of a resumed study, before any trial starts, a named
-    checkpoint that is gone is replaced by a copy of the trial's newest one, which Tune restores.
+    dropped that. At the first step of a resumed study, before any trial starts, the trial's
+    newest checkpoint is put in the named one's place, and Tune restores it from there.
     """
 
     def __init__(self, log: Callable[[str], None]) -> None:
@@ -217,11 +217,17 @@ class FallBackToNewestCheckpoint(AtResume):
             newest = _newest_checkpoint(filesystem, posixpath.dirname(named.path))
             if newest is None:
                 continue  # Tune fails the trial, with its own message
+            # One newer than the named one, Tune does not know: moved, it is not left behind
+            # beyond the checkpoints Tune keeps. An older one Tune removes itself: copied.
+            move = posixpath.basename(newest) > posixpath.basename(named.path)
             filesystem.create_dir(named.path, recursive=True)
             pafs.copy_files(newest, named.path, filesystem, filesystem)
+            if move:
+                filesystem.delete_dir(newest)
             self.log(
                 f"trial {trial.trial_id}: its checkpoint {named.path} is gone (Tune removed it "
-                f"after saving the state the study resumes from); it resumes from {newest}"
+                f"after saving the state the study resumes from); it resumes from its newest, "
+                f"{newest}, {'moved' if move else 'copied'} there"
             )
 
 
