@@ -122,12 +122,11 @@ def test_a_restored_optuna_search_on_a_database_fails_the_suggestions_its_state_
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
 
 
-def mirrored_search(journal: str, filesystem: pafs.FileSystem, mirror: str) -> compat.OptunaSearch:
-    """An Optuna search whose journal, on this disk, is copied to `mirror` on `filesystem`."""
+def journal_search(journal: str, mirror: tuple | None = None) -> compat.OptunaSearch:
+    """An Optuna search kept in `journal` on this disk, copied to `mirror` (filesystem, path)."""
     space = {"lam": tune.uniform(0.0, 1.0)}
-    where = (filesystem, mirror)
     return compat.OptunaSearch(
-        space=space, metric="m", mode="max", study_name="s", journal=journal, mirror=where
+        space=space, metric="m", mode="max", study_name="s", journal=journal, mirror=mirror
     )
 
 
@@ -135,7 +134,7 @@ def test_a_journal_kept_on_the_drivers_disk_reaches_its_mirror_with_each_saved_s
     local, mirror = tmp_path / "driver" / "j", tmp_path / "study" / "j"
     local.parent.mkdir()
     mirror.parent.mkdir()
-    search = mirrored_search(str(local), pafs.LocalFileSystem(), str(mirror))
+    search = journal_search(str(local), (pafs.LocalFileSystem(), str(mirror)))
     search.suggest("t0")
     assert not mirror.exists()  # written only with a saved state
     search.save_to_dir(str(tmp_path), session_str="x")
@@ -161,18 +160,14 @@ def test_the_journal_reaches_its_mirror_before_the_searcher_state_that_knows_it(
     # next save's state: the mirror must hold the journal before that state exists.
     local, mirror, state = tmp_path / "j", tmp_path / "mirror", tmp_path / "searcher.pkl"
     witness = WitnessHandler(str(state))
-    search = mirrored_search(str(local), pafs.PyFileSystem(witness), str(mirror))
+    search = journal_search(str(local), (pafs.PyFileSystem(witness), str(mirror)))
     search.suggest("t0")
     search.save(str(state))
     assert witness.seen == [False] and state.exists()
 
 
 def limited_search(journal: str) -> ConcurrencyLimiter:
-    space = {"lam": tune.uniform(0.0, 1.0)}
-    search = compat.OptunaSearch(
-        space=space, metric="m", mode="max", study_name="s", journal=journal
-    )
-    return ConcurrencyLimiter(search, max_concurrent=1)
+    return ConcurrencyLimiter(journal_search(journal), max_concurrent=1)
 
 
 def test_a_searcher_restored_from_a_save_older_than_its_trials_hears_how_they_ended(tmp_path):

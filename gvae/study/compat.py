@@ -149,6 +149,9 @@ class OptunaSearch(ray_optuna.OptunaSearch):
         _fail_orphans(self._ot_study, known)
 
 
+ENDED_IN_TUNE = ("TERMINATED", "ERROR")  # the statuses of a trial that Tune does not run again
+
+
 class AtResume(Callback):
     """A callback that acts once, at the first step of a resumed study, before any trial starts:
     Tune has restored its trials from its saved state, and calls nothing earlier with them."""
@@ -182,7 +185,7 @@ class CatchUpSearcher(AtResume):
 
     def resume(self, trials: list) -> None:
         for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR"):
+            if trial.status in ENDED_IN_TUNE:
                 error = trial.status == "ERROR"
                 result = None if error else trial.last_result
                 self.search_alg.on_trial_complete(trial.trial_id, result=result, error=error)
@@ -209,7 +212,7 @@ class FallBackToNewestCheckpoint(AtResume):
     def resume(self, trials: list) -> None:
         for trial in trials:
             named = trial.checkpoint
-            if trial.status in ("TERMINATED", "ERROR") or named is None:
+            if trial.status in ENDED_IN_TUNE or named is None:
                 continue
             filesystem = named.filesystem
             if filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
