@@ -388,3 +388,30 @@ def test_a_killed_driver_leaves_no_ray_process_and_no_ray_session_folder(tmp_pat
     finally:
         driver.kill()
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_the_reaper_ends_ray_once_a_killed_driver_is_a_zombie_its_parent_never_waits_for(tmp_path):
+    # A driver killed while its parent (a supervisor, a profiler) has not waited for it stays a
+    # zombie: it has ended, and what it started must still be ended and its session removed.
+    session = tmp_path / "session_2026-01-01_00-00-00_0_1"
+    (session / "logs").mkdir(parents=True)
+    spawn_and_sleep = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    driver = subprocess.Popen([sys.executable, "-c", spawn_and_sleep])
+    started = [driver]
+    try:
+        wait_for(lambda: psutil.Process(driver.pid).children())
+        child = psutil.Process(driver.pid).children()[0]
+        reaper = subprocess.Popen(
+            [sys.executable, "-m", "gvae.study.reaper", str(driver.pid), str(session)]
+        )
+        started.append(reaper)
+        time.sleep(2)  # the reaper notes the driver's child
+        os.kill(driver.pid, signal.SIGKILL)  # and nobody waits for the driver
+        assert reaper.wait(timeout=30) == 0
+        assert psutil.Process(driver.pid).status() == psutil.STATUS_ZOMBIE
+        assert not child.is_running()
+        assert not session.exists()
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()

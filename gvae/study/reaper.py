@@ -42,7 +42,7 @@ def watch(driver_pid: int, session_dir: str) -> None:
     except psutil.NoSuchProcess:
         driver = None
     left: dict[int, psutil.Process] = {}
-    while driver is not None and driver.is_running():
+    while driver is not None and _alive(driver):
         with contextlib.suppress(psutil.Error):
             left.update((child.pid, child) for child in driver.children(recursive=True))
         with contextlib.suppress(psutil.TimeoutExpired):
@@ -54,6 +54,15 @@ def watch(driver_pid: int, session_dir: str) -> None:
             process.kill()
     psutil.wait_procs(alive, timeout=10)
     remove_session(session_dir)
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Whether the process runs: a killed driver that its parent has not waited for yet (a
+    zombie) has ended, and may stay a zombie for as long as that parent runs."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def remove_session(session_dir: str) -> None:
