@@ -4,6 +4,7 @@ diverged Optuna trials, requests no node can meet, two drivers on one study, Ctr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -108,6 +109,7 @@ def test_diverged_optuna_trials_fail_in_optuna_and_the_study_goes_on(cluster, tm
 # 2. Requests no node can meet ------------------------------------------------------------------
 
 ONE = {"grid": {"seed": [0]}}
+TWO_SEEDS = {"grid": {"seed": [0, 1]}}
 
 
 @pytest.mark.parametrize("joined", [False, True], ids=["local-ray", "cluster"])
@@ -388,6 +390,41 @@ def test_a_killed_driver_leaves_no_ray_process_and_no_ray_session_folder(tmp_pat
     finally:
         driver.kill()
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_a_sigterm_to_the_drivers_whole_group_exits_130_in_time_and_resume_finishes(tmp_path):
+    # `kill -- -PGID`, systemd and Slurm's scancel signal every process of the job: the local
+    # Ray the driver started stops with it, and Tune's shutdown would wait a minute on it.
+    study = write_study(
+        tmp_path, "group", models=["vae"], iterations=1500, eval_every=100, search=TWO_SEEDS
+    )
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study), "--storage"]
+    driver = subprocess.Popen(
+        [*command, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a job's
+    )
+    try:
+        wait_for(lambda: list((tmp_path / "group" / "tune").glob("*/checkpoint_*")))
+        signalled = time.monotonic()
+        os.killpg(driver.pid, signal.SIGTERM)
+        code, output = finish(driver, timeout=60)
+        assert time.monotonic() - signalled < 30  # before Slurm or Kubernetes kill it
+        assert code == 130, output
+        assert f"`gvae study resume group --storage {tmp_path}` continues" in output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    resume = [sys.executable, "-m", "gvae.cli", "study", "resume", "group"]
+    resumed = subprocess.run(
+        [*resume, "--storage", str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert sorted(rows(tmp_path, "group").status) == ["finished", "finished"]
 
 
 def test_the_reaper_ends_ray_once_a_killed_driver_is_a_zombie_its_parent_never_waits_for(tmp_path):

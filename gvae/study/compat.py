@@ -36,7 +36,7 @@ from ray.tune.search.optuna import optuna_search as ray_optuna
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterator[None]:
     """SIGTERM (`ray job stop`, Kubernetes, Slurm) stops the study as Ctrl-C does: Tune saves its
     state, the driver prints how far the study got and exits 130; a second one skips the save.
 
@@ -48,7 +48,12 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+    def interrupt(*_: Any) -> None:
+        on_sigterm()
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ what makes `gvae study resume` possible.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -100,8 +101,9 @@ def run_study(
         lease.acquire(force=force)
     try:
         with storage_errors(uri, resume):
+            ray_start = ray_start or RayStart(address)
             return _run_leased(
-                spec, raw_spec, store, ray_start or RayStart(address), log, resource_wait, verbose
+                spec, raw_spec, store, ray_start, log, resource_wait, verbose, resume
             )
     finally:
         with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
@@ -116,6 +118,7 @@ def _run_leased(
     log: Callable[[str], None],
     resource_wait: float,
     verbose: bool,
+    resume: str,
 ) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
     # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
@@ -142,7 +145,12 @@ def _run_leased(
     with _optuna_journal(spec, store, log) as journal:
         experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
         search = tune_search(spec, image_sizes, journal, experiments)
-        _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
+        stranded = (
+            "gvae: interrupted, and the local Ray stopped with the driver; Tune's state is saved "
+            f"and `{resume}` continues the study"
+        )
+        on_sigterm = functools.partial(ray_start.exit_if_stranded, stranded)
+        _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log, on_sigterm)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
@@ -181,6 +189,7 @@ def _fit(
     resumed: bool,
     verbose: bool,
     log: Callable[[str], None],
+    on_sigterm: Callable[[], None],
 ) -> None:
     """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
     this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
@@ -195,7 +204,7 @@ def _fit(
         callbacks.insert(1, compat.FallBackToNewestCheckpoint(log))
         callbacks.append(compat.CatchUpSearcher(search["search_alg"]))
     try:
-        with compat.sigterm_interrupts():
+        with compat.sigterm_interrupts(on_sigterm):
             tune.run(
                 trainable,
                 name=EXPERIMENT,

@@ -42,7 +42,7 @@ def watch(driver_pid: int, session_dir: str) -> None:
     except psutil.NoSuchProcess:
         driver = None
     left: dict[int, psutil.Process] = {}
-    while driver is not None and _alive(driver):
+    while driver is not None and running(driver):
         with contextlib.suppress(psutil.Error):
             left.update((child.pid, child) for child in driver.children(recursive=True))
         with contextlib.suppress(psutil.TimeoutExpired):
@@ -56,7 +56,7 @@ def watch(driver_pid: int, session_dir: str) -> None:
     remove_session(session_dir)
 
 
-def _alive(process: psutil.Process) -> bool:
+def running(process: psutil.Process) -> bool:
     """Whether the process runs: a killed driver that its parent has not waited for yet (a
     zombie) has ended, and may stay a zombie for as long as that parent runs."""
     try:
