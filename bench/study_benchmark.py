@@ -9,11 +9,19 @@ header line and one line per run (see README.md).
    command itself (every CPU of this machine, one per trial). Wall time is that of the whole
    command; the minimum is the sum of the trials' own times (Tune's `time_total_s`, recorded as
    `wall_seconds`) over the CPUs: what a scheduler with no overhead at all would take.
-2. Plain Ray Tune in a fresh process: the same count of function trials, each busy for the
+2. Plain Ray Tune running gvae's trainer, in a fresh process: the same trials (the same configs,
+   `gvae.trainer.run_trial` with the same evaluator, cached per worker as gvae caches it), each
+   evaluation reported to `tune.report` with the trainer's checkpoint, actors reused, Tune's
+   defaults otherwise. The ratio of the two wall times is what gvae's study machinery (its
+   tables, callbacks, lease, console and checks) costs over Tune running the same work.
+3. Plain Ray Tune in a fresh process: the same count of function trials, each busy for the
    gvae study's median trial time, each reporting once with a checkpoint as large as a gvae
    trial's (its model and optimiser state: 10 MB for the default VAE, so both runs write as
    many bytes to the disk), actors reused. `--small-checkpoint` makes it a few bytes instead,
-   which charges gvae for its model's size as well.
+   which charges gvae for its model's size as well. These trials last the median's wall time
+   whatever the load, while gvae's last as long as their work takes on a machine they share
+   with the driver: their mean is above their median, so this ratio also charges gvae for the
+   spread of its trials' times.
 
 Before plain Tune runs, the gvae study's folder is removed and the disk synced (`os.sync`), so
 that it starts as gvae did: without gigabytes of the other run's checkpoints in the page cache or
@@ -135,13 +143,57 @@ def plain_tune(trials: int, seconds: float, checkpoint_bytes: int, storage: Path
     print(f"PLAIN {json.dumps(rows)}")
 
 
-def run_plain(
-    trials: int, seconds: float, checkpoint_bytes: int, storage: Path
-) -> tuple[float, float, pd.DataFrame]:
+EVALUATORS: dict[str, object] = {}  # one per worker process, as gvae's trials keep it
+
+
+def plain_trainer(trials: int, base: dict, storage: Path) -> None:
+    """Runs in its own process: gvae's trainer as a plain Tune function trainable, one trial per
+    seed 0..trials-1 of the `base` config."""
+    import ray
+    from ray import tune
+
+    from gvae.config import TrialConfig
+    from gvae.data import load_dataset
+    from gvae.evaluation import Evaluator, load_or_train_evaluator
+    from gvae.trainer import run_trial
+
+    def trainable(config: dict, evaluator_state: dict) -> None:
+        started = time.time()
+        if "evaluator" not in EVALUATORS:
+            EVALUATORS["evaluator"] = Evaluator.from_state(evaluator_state)
+
+        def report(metrics: dict, checkpoint_dir: Path) -> None:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            scalars |= {"started": started, "ended": time.time()}
+            tune.report(scalars, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+        trial = TrialConfig.from_dict(config).validate()
+        run_trial(trial, report=report, evaluator=EVALUATORS["evaluator"], log=lambda _: None)
+
+    ray.init(log_to_driver=False)
+    dataset = load_dataset(base["dataset"], Path(base["data_root"]))
+    state = load_or_train_evaluator(dataset, log=lambda _: None).state()
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, evaluator_state=state), {"cpu": 1}),
+        param_space={**base, "seed": tune.grid_search(list(range(trials)))},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(storage), name="plain", verbose=0),
+    )
+    results = tuner.fit()
+    rows = [
+        {"started": r.metrics["started"], "ended": r.metrics["ended"]}
+        | {"seconds": r.metrics["ended"] - r.metrics["started"]}
+        for r in results
+    ]
+    print(f"PLAIN {json.dumps(rows)}")
+
+
+def run_plain(*arguments: str) -> tuple[float, float, pd.DataFrame]:
+    """Run this file with `arguments` (`--plain-run ...` or `--plain-trainer ...`) in a fresh
+    process: start time, wall seconds and the trials' times it printed."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, __file__, "--plain-run", str(trials), str(seconds)]
-    command += [str(checkpoint_bytes), str(storage)]
+    command = [sys.executable, __file__, *arguments]
     start, tick = time.time(), time.perf_counter()
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - tick
@@ -176,10 +228,15 @@ def main(argv: list[str] | None = None) -> None:
         help="plain Tune's trials checkpoint a few bytes, not as much as gvae's",
     )
     parser.add_argument("--plain-run", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--plain-trainer", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_run:
         trials, seconds, size, storage = args.plain_run
         plain_tune(int(trials), float(seconds), int(size), Path(storage))
+        return
+    if args.plain_trainer:
+        trials, base, storage = args.plain_trainer
+        plain_trainer(int(trials), json.loads(base), Path(storage))
         return
 
     cpus = os.cpu_count() or 1
@@ -204,15 +261,26 @@ def main(argv: list[str] | None = None) -> None:
             return
         median = float(trials.seconds.median())
         size = 8 if args.small_checkpoint else checkpoint_size(Path(folder) / "results" / name)
-        print(f"  checkpoint: {size / 1e6:.2f} MB per trial for plain Tune", flush=True)
         shutil.rmtree(Path(folder) / "results")
         settle()
-        plain_start, plain_wall, plain = run_plain(
-            len(trials), median, size, Path(folder) / "plain"
+        base = {**yaml.safe_load(study.read_text())["fixed"], "model": args.model}
+        base |= {"dataset": "mnist5k", "iterations": args.iterations}
+        base |= {"eval_every": args.iterations, "data_root": str(Path("data").resolve())}
+        same_start, same_wall, same = run_plain(
+            "--plain-trainer", str(len(trials)), json.dumps(base), str(Path(folder) / "same")
         )
-        plain_minimum = report_line("plain Ray Tune", plain_start, plain_wall, plain, cpus)
+        report_line("plain Ray Tune, gvae's trainer", same_start, same_wall, same, cpus)
+        print(f"gvae wall / plain Tune with gvae's trainer wall {wall / same_wall:.2f}", flush=True)
+        shutil.rmtree(Path(folder) / "same")
+        settle()
+        print(f"  checkpoint: {size / 1e6:.2f} MB per trial for plain Tune", flush=True)
+        plain_start, plain_wall, plain = run_plain(
+            "--plain-run", str(len(trials)), str(median), str(size), str(Path(folder) / "plain")
+        )
+        busy = "plain Ray Tune, busy trials"
+        plain_minimum = report_line(busy, plain_start, plain_wall, plain, cpus)
         print(
-            f"gvae wall / plain Tune wall {wall / plain_wall:.2f}; "
+            f"gvae wall / plain Tune busy wall {wall / plain_wall:.2f}; "
             f"gvae minimum / plain minimum {gvae_minimum / plain_minimum:.2f}; "
             f"load {load()}"
         )
