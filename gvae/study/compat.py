@@ -21,11 +21,14 @@ import logging
 import math
 import posixpath
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
+import psutil
 import pyarrow.fs as pafs
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -33,6 +36,8 @@ from ray.tune import Callback
 from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
+
+from gvae.study import reaper
 
 
 @contextlib.contextmanager
@@ -58,6 +63,32 @@ def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterato
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# How long after a SIGTERM that stopped the local Ray too the driver waits for Tune before it
+# exits: within the 30 s that Slurm (KillWait) and Kubernetes give before they kill.
+STRANDED_SECONDS = 15.0
+
+
+def exit_when_ray_stopped(daemons: list[psutil.Process], line: str) -> None:
+    """Exit 130 with `line` if, STRANDED_SECONDS from now, the process still runs and one of the
+    local Ray's `daemons` has stopped.
+
+    A SIGTERM to the driver's whole process group or cgroup (`kill -- -PGID`, systemd, Slurm's
+    `scancel`) stops the local Ray's daemons as well. Tune saves its state before it shuts its
+    trials down, but the shutdown then waits on the stopped Ray for a minute (Ray's GCS reconnect
+    timeout, `gcs_rpc_server_reconnect_timeout_s`) and Ray's core ends the process with status 1.
+    No public setting shortens that wait for the shutdown alone, so the driver ends itself first,
+    as Ctrl-C would have; the test of the group SIGTERM in tests/test_faults.py shows it.
+    """
+
+    def exit_when_stranded() -> None:
+        time.sleep(STRANDED_SECONDS)
+        if not all(reaper.running(daemon) for daemon in daemons):
+            print(line, file=sys.stderr, flush=True)
+            os._exit(130)  # the main thread is blocked in Ray: only this ends the process
+
+    threading.Thread(target=exit_when_stranded, name="gvae-stranded", daemon=True).start()
 
 
 def quiet_tune_output(verbose: bool) -> None:

@@ -7,21 +7,15 @@ This module imports Ray alone, so `gvae study run` can make its RayStart before 
 from __future__ import annotations
 
 import os
-import sys
-import threading
-import time
 from collections.abc import Callable
 
 import psutil
 import ray
 
-from gvae.study import reaper
+from gvae.study import compat, reaper
 
 # Ray's daemons a driver's own local Ray runs as its children.
 DAEMONS = ("gcs_server", "raylet")
-# How long after a SIGTERM that stopped the local Ray too the driver waits for Tune before it
-# exits: within the 30 s that Slurm (KillWait) and Kubernetes give before they kill.
-STRANDED_SECONDS = 15.0
 
 
 class RayStart:
@@ -56,24 +50,10 @@ class RayStart:
         )
 
     def exit_if_stranded(self, line: str) -> None:
-        """After a SIGTERM: exit 130 with `line` if the local Ray stopped too and the driver has
-        not ended STRANDED_SECONDS later.
-
-        A SIGTERM to the driver's whole process group or cgroup (`kill -- -PGID`, systemd, Slurm's
-        `scancel`) stops the local Ray's daemons as well. Tune saves its state before its
-        shutdown, but the shutdown then waits a minute on the dead Ray (its GCS reconnect
-        timeout) and ends the process with status 1; the driver ends it first, as Ctrl-C does.
-        """
-        if not self.daemons:
-            return
-
-        def exit_when_stranded() -> None:
-            time.sleep(STRANDED_SECONDS)
-            if not all(reaper.running(daemon) for daemon in self.daemons):
-                print(line, file=sys.stderr, flush=True)
-                os._exit(130)
-
-        threading.Thread(target=exit_when_stranded, name="gvae-stranded", daemon=True).start()
+        """After a SIGTERM: exit 130 with `line` when the local Ray this driver started stopped
+        with it (gvae.study.compat.exit_when_ray_stopped)."""
+        if self.daemons:
+            compat.exit_when_ray_stopped(self.daemons, line)
 
     def close(self) -> None:
         """Stop the local Ray `wait` started, once the study is done or will not run: at once,
