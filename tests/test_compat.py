@@ -254,3 +254,32 @@ def test_pyarrow_pickles_an_s3_filesystem_without_its_retry_strategy_and_gvaes_k
     restored = pickle.loads(pickle.dumps(fs))
     assert isinstance(restored, RetryingS3FileSystem)
     assert restored.options == fs.options and restored.options["endpoint_override"] == "127.0.0.1:9"
+
+
+STRANDED = """
+import subprocess, sys, time, psutil
+from gvae.study import compat
+compat.STRANDED_SECONDS = 1.0
+daemon = subprocess.Popen(["sleep", "60"])
+daemons = [psutil.Process(daemon.pid)]
+compat.exit_when_ray_stopped(daemons, "stranded")
+print("summary", flush=False)  # buffered, as a summary printed to a pipe is
+if sys.argv[1] == "stopped-with-the-driver":
+    daemon.kill()
+else:  # stopped on purpose, as RayStart.close stops it
+    daemons.clear()
+    daemon.kill()
+time.sleep(3)
+"""
+
+
+def test_a_driver_whose_local_ray_stopped_with_it_exits_130_and_one_that_stopped_it_does_not():
+    def run(case: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", STRANDED, case]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    stranded = run("stopped-with-the-driver")
+    assert (stranded.returncode, stranded.stderr.strip()) == (130, "stranded"), stranded.stderr
+    assert stranded.stdout == "summary\n"  # flushed before the exit
+    stopped = run("stopped-on-purpose")
+    assert (stopped.returncode, stopped.stderr, stopped.stdout) == (0, "", "summary\n")

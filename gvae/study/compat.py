@@ -72,7 +72,7 @@ STRANDED_SECONDS = 15.0
 
 def exit_when_ray_stopped(daemons: list[psutil.Process], line: str) -> None:
     """Exit 130 with `line` if, STRANDED_SECONDS from now, the process still runs and one of the
-    local Ray's `daemons` has stopped.
+    local Ray's `daemons` has stopped (the caller empties the list when it stops Ray itself).
 
     A SIGTERM to the driver's whole process group or cgroup (`kill -- -PGID`, systemd, Slurm's
     `scancel`) stops the local Ray's daemons as well. Tune saves its state before it shuts its
@@ -84,7 +84,8 @@ def exit_when_ray_stopped(daemons: list[psutil.Process], line: str) -> None:
 
     def exit_when_stranded() -> None:
         time.sleep(STRANDED_SECONDS)
-        if not all(reaper.running(daemon) for daemon in daemons):
+        if not all(reaper.running(daemon) for daemon in daemons):  # emptied: Ray stopped on purpose
+            sys.stdout.flush()
             print(line, file=sys.stderr, flush=True)
             os._exit(130)  # the main thread is blocked in Ray: only this ends the process
 

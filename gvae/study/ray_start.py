@@ -58,6 +58,7 @@ class RayStart:
     def close(self) -> None:
         """Stop the local Ray `wait` started, once the study is done or will not run: at once,
         rather than in Ray's exit hook. Nothing to do for any other Ray."""
+        self.daemons.clear()  # stopped on purpose now: the driver is not stranded
         if self.started_here:
             ray.shutdown()
             self.started_here = False
