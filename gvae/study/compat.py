@@ -112,6 +112,10 @@ def quiet_tune_output(verbose: bool) -> None:
     # At a stop, Tune's run names its Python API to resume with (`tune.run(..., resume=True)`);
     # gvae prints the command that continues the study instead.
     logging.getLogger("ray.tune.tune").setLevel(logging.INFO if verbose else logging.ERROR)
+    # At a stop, the analysis Tune's run returns warns of every trial that had not started
+    # ("Failed to fetch metrics"); the tables, not that analysis, are the study's record.
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis.setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Each trial error with its traceback; the progress prints it as one line instead.

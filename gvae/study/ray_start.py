@@ -6,6 +6,7 @@ This module imports Ray alone, so `gvae study run` can make its RayStart before 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -41,7 +42,7 @@ class RayStart:
         context = ray.init(address=self.address, log_to_driver=False)
         if not self.address:
             self.started_here = True
-            self.daemons = [p for p in psutil.Process().children() if p.name() in DAEMONS]
+            self.daemons = _daemons()
             reaper.start(context.address_info["session_dir"])
         resources = ray.cluster_resources()
         log(
@@ -62,3 +63,13 @@ class RayStart:
         if self.started_here:
             ray.shutdown()
             self.started_here = False
+
+
+def _daemons() -> list[psutil.Process]:
+    """The local Ray daemons among this process's children (one may end as they are listed)."""
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() in DAEMONS:
+                found.append(child)
+    return found
