@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         size = 8 if args.small_checkpoint else checkpoint_size(Path(folder) / "results" / name)
         shutil.rmtree(Path(folder) / "results")
         settle()
-        base = {**yaml.safe_load(study.read_text())["fixed"], "model": args.model}
-        base |= {"dataset": "mnist5k", "iterations": args.iterations}
-        base |= {"eval_every": args.iterations, "data_root": str(Path("data").resolve())}
+        from gvae.study.spec import load_study
+
+        base = {**load_study(study).base_config(), "model": args.model}
+        base["data_root"] = str(Path("data").resolve())  # as gvae hands it to its trials
         same_start, same_wall, same = run_plain(
             "--plain-trainer", str(len(trials)), json.dumps(base), str(Path(folder) / "same")
         )

@@ -102,8 +102,13 @@ def run_study(
     try:
         with storage_errors(uri, resume):
             ray_start = ray_start or RayStart(address)
+            stranded = (
+                "gvae: interrupted, and the local Ray stopped with the driver; Tune's state is "
+                f"saved and `{resume}` continues the study"
+            )
+            on_sigterm = functools.partial(ray_start.exit_if_stranded, stranded)
             return _run_leased(
-                spec, raw_spec, store, ray_start, log, resource_wait, verbose, resume
+                spec, raw_spec, store, ray_start, log, resource_wait, verbose, on_sigterm
             )
     finally:
         with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
@@ -118,7 +123,7 @@ def _run_leased(
     log: Callable[[str], None],
     resource_wait: float,
     verbose: bool,
-    resume: str,
+    on_sigterm: Callable[[], None],
 ) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
     # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
@@ -145,11 +150,6 @@ def _run_leased(
     with _optuna_journal(spec, store, log) as journal:
         experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
         search = tune_search(spec, image_sizes, journal, experiments)
-        stranded = (
-            "gvae: interrupted, and the local Ray stopped with the driver; Tune's state is saved "
-            f"and `{resume}` continues the study"
-        )
-        on_sigterm = functools.partial(ray_start.exit_if_stranded, stranded)
         _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log, on_sigterm)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)

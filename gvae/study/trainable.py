@@ -220,8 +220,10 @@ def _finished_result(record: TrialRecord) -> dict[str, Any] | None:
     try:
         for row in record.rows:
             stored = trials.read_trial(row.row_id)
+            if not stored or stored[0]["status"] != Status.FINISHED.value:
+                return None
             curve = curves.read_trial(row.row_id)
-            if not stored or stored[0]["status"] != Status.FINISHED.value or not curve:
+            if not curve:
                 return None
             last = max(curve, key=lambda point: point["iteration"])
             last_points.append({k: v for k, v in last.items() if k not in CURVE_KEYS})
