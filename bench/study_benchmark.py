@@ -1,9 +1,9 @@
 """Overhead of a study of many tiny trials: gvae against its minimum and against plain Ray Tune.
 
 Run as `.venv/bin/python bench/study_benchmark.py [--trials 400] [--iterations 50]
-[--eval-samples 200] [--batch-size 32] [--model vae] [--skip-plain]`, or with `--study FILE`
-to time a study file (e.g. studies/quick.yaml) against its minimum alone. Not a test: it prints a
-header line and one line per run (see README.md).
+[--eval-samples 200] [--batch-size 32] [--model vae] [--skip-plain] [--repeats 1]`, or with
+`--study FILE` to time a study file (e.g. studies/quick.yaml) against its minimum alone. Not a
+test: it prints a header line and one line per run (see README.md).
 
 1. `gvae study run` on a grid of `--trials` seeds of one model, on a local Ray started by the
    command itself (every CPU of this machine, one per trial). Wall time is that of the whole
@@ -23,10 +23,11 @@ header line and one line per run (see README.md).
    with the driver: their mean is above their median, so this ratio also charges gvae for the
    spread of its trials' times.
 
-Before plain Tune runs, the gvae study's folder is removed and the disk synced (`os.sync`), so
-that it starts as gvae did: without gigabytes of the other run's checkpoints in the page cache or
-waiting to be written back. Each run's wall time is also split into its startup (command start
-to the first trial's start: imports, starting Ray, the first worker), its trial phase (first
+Runs 1 and 2 are repeated `--repeats` times in alternating order, each pair's ratio printed and then
+their median. Before each run, the previous run's folder is removed and the disk synced (`os.sync`),
+so that it starts as the others did: without gigabytes of another run's checkpoints in the page
+cache or waiting to be written back. Each run's wall time is also split into its startup (command
+start to the first trial's start: imports, starting Ray, the first worker), its trial phase (first
 trial start to last trial end, against the same minimum) and its teardown (last trial end to the
 command's exit).
 """
@@ -43,9 +44,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import pandas as pd
 import yaml
+
+from gvae.study.spec import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,6 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="vae")
     parser.add_argument("--skip-plain", action="store_true", help="only the gvae study")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="pairs of gvae and plain Tune with gvae's trainer, in alternating order",
+    )
     parser.add_argument("--study", type=Path, help="time this study file instead")
     parser.add_argument(
         "--small-checkpoint",
@@ -243,48 +253,78 @@ def main(argv: list[str] | None = None) -> None:
     print(f"study benchmark | {platform.node()} | {cpus} logical CPUs | load {load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gvae-study-bench-") as folder:
         study = args.study or tiny_study(Path(folder), args)
-        name = yaml.safe_load(study.read_text())["name"]
-        settle()
-        start, wall, lines = run_gvae(study, Path(folder) / "results")
-        table = pd.read_parquet(Path(folder) / "results" / name / "trials.parquet")
-        # started_at: when Tune started the trial; wall_seconds: the trial's own time.
-        trials = pd.DataFrame(
-            {
-                "seconds": table.wall_seconds,
-                "started": table.started_at,
-                "ended": table.started_at + table.wall_seconds,
-            }
-        )
-        gvae_minimum = report_line(f"gvae study {name}", start, wall, trials, cpus)
-        print(f"  console: {lines} lines for {len(trials)} trials; load {load()}", flush=True)
         if args.study or args.skip_plain:
+            timed_gvae(study, Path(folder), cpus)
             return
-        median = float(trials.seconds.median())
-        size = 8 if args.small_checkpoint else checkpoint_size(Path(folder) / "results" / name)
-        shutil.rmtree(Path(folder) / "results")
-        settle()
-        from gvae.study.spec import load_study
-
-        base = {**load_study(study).base_config(), "model": args.model}
-        base["data_root"] = str(Path("data").resolve())  # as gvae hands it to its trials
-        same_start, same_wall, same = run_plain(
-            "--plain-trainer", str(len(trials)), json.dumps(base), str(Path(folder) / "same")
-        )
-        report_line("plain Ray Tune, gvae's trainer", same_start, same_wall, same, cpus)
-        print(f"gvae wall / plain Tune with gvae's trainer wall {wall / same_wall:.2f}", flush=True)
-        shutil.rmtree(Path(folder) / "same")
-        settle()
+        count = load_study(study).trial_count
+        ratios = []
+        for repeat in range(args.repeats):
+            # Alternate which runs first, so that neither is always the one that meets a
+            # colder page cache or the other's leftover load.
+            if repeat % 2 == 0:
+                wall, trials, size = timed_gvae(study, Path(folder), cpus)
+                same_wall = timed_plain_trainer(study, args.model, count, Path(folder), cpus)
+            else:
+                same_wall = timed_plain_trainer(study, args.model, count, Path(folder), cpus)
+                wall, trials, size = timed_gvae(study, Path(folder), cpus)
+            ratios.append(wall / same_wall)
+            print(f"gvae wall / plain Tune with gvae's trainer wall {ratios[-1]:.2f}", flush=True)
+        if args.repeats > 1:
+            spread = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+            print(f"gvae / plain Tune with gvae's trainer: median {median(ratios):.2f} ({spread})")
+        size = 8 if args.small_checkpoint else size
         print(f"  checkpoint: {size / 1e6:.2f} MB per trial for plain Tune", flush=True)
+        settle()
         plain_start, plain_wall, plain = run_plain(
-            "--plain-run", str(len(trials)), str(median), str(size), str(Path(folder) / "plain")
+            "--plain-run",
+            str(len(trials)),
+            str(float(trials.seconds.median())),
+            str(size),
+            str(Path(folder) / "plain"),
         )
         busy = "plain Ray Tune, busy trials"
         plain_minimum = report_line(busy, plain_start, plain_wall, plain, cpus)
+        gvae_minimum = trials.seconds.sum() / cpus
         print(
             f"gvae wall / plain Tune busy wall {wall / plain_wall:.2f}; "
             f"gvae minimum / plain minimum {gvae_minimum / plain_minimum:.2f}; "
             f"load {load()}"
         )
+
+
+def timed_gvae(study: Path, folder: Path, cpus: int) -> tuple[float, pd.DataFrame, int]:
+    """Run the study with gvae from a synced disk; its wall time, its trials' times (started_at:
+    when Tune started the trial; wall_seconds: the trial's own time) and checkpoint size. Its
+    folder is removed after."""
+    name = yaml.safe_load(study.read_text())["name"]
+    settle()
+    start, wall, lines = run_gvae(study, folder / "results")
+    table = pd.read_parquet(folder / "results" / name / "trials.parquet")
+    trials = pd.DataFrame(
+        {
+            "seconds": table.wall_seconds,
+            "started": table.started_at,
+            "ended": table.started_at + table.wall_seconds,
+        }
+    )
+    report_line(f"gvae study {name}", start, wall, trials, cpus)
+    print(f"  console: {lines} lines for {len(trials)} trials; load {load()}", flush=True)
+    size = checkpoint_size(folder / "results" / name)
+    shutil.rmtree(folder / "results")
+    return wall, trials, size
+
+
+def timed_plain_trainer(study: Path, model: str, trials: int, folder: Path, cpus: int) -> float:
+    """Run gvae's trainer on the study's trials under plain Tune from a synced disk; its wall."""
+    settle()
+    base = {**load_study(study).base_config(), "model": model}
+    base["data_root"] = str(Path("data").resolve())  # as gvae hands it to its trials
+    start, wall, same = run_plain(
+        "--plain-trainer", str(trials), json.dumps(base), str(folder / "same")
+    )
+    report_line("plain Ray Tune, gvae's trainer", start, wall, same, cpus)
+    shutil.rmtree(folder / "same")
+    return wall
 
 
 if __name__ == "__main__":

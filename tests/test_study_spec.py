@@ -48,7 +48,14 @@ def changed(base: dict, path: str, value) -> dict:
     return data
 
 
-DELETE = object()
+class Deleted:
+    """The value that `changed` deletes the key for (a stable test id, unlike `object()`)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = Deleted()
 BAD = [
     (VALID, "colour", "red", "colour"),
     (VALID, "name", DELETE, "name"),

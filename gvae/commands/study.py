@@ -182,7 +182,7 @@ def _run_and_summarise(
 
 
 def _interrupted_line(spec: Any, store: ResultsStore, resume: str) -> str:
-    trials = store.read("trials.parquet")
+    trials = store.read("trials.parquet", ["status"])
     statuses = trials["status"].value_counts().to_dict() if not trials.empty else {}
     ended = {s: n for s, n in statuses.items() if s not in ("running", "pending")}
     counts = ", ".join(f"{n} {s}" for s, n in sorted(ended.items()))
@@ -197,7 +197,7 @@ def _repair(args: argparse.Namespace) -> int:
 
     repair_study(args.storage, args.name)
     store = ResultsStore(study_uri(args.storage, args.name))
-    counts = store.read("trials.parquet")["status"].value_counts().to_dict()
+    counts = store.read("trials.parquet", ["status"])["status"].value_counts().to_dict()
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(f"study {args.name}: tables rebuilt ({summary or 'no trials'})")
     return 0
@@ -208,7 +208,7 @@ def _status(args: argparse.Namespace) -> int:
 
     spec, _ = load_saved_spec(args.storage, args.name)
     store = ResultsStore(study_uri(args.storage, args.name))
-    if store.read("trials.parquet").empty:
+    if store.read("trials.parquet", ["status"]).empty:
         raise GvaeError(f"name: study {args.name!r} has no recorded trials yet")
     print("\n".join(summary_lines(store, spec)))
     return 0

@@ -397,9 +397,15 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
     return ConsoleProgress(spec.trial_count, objective=objective, params=params)
 
 
+SUMMARY_COLUMNS = [
+    *("trial_id", "model", "seed", "dataset", "status", "error", "diverged_at"),
+    *("final_mode_entropy", "final_mean_image_entropy", "final_class_histogram"),
+]
+
+
 def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
     """A short end-of-study summary: counts by status, the best trials, the failures."""
-    trials = store.read(TRIALS)
+    trials = store.read(TRIALS, SUMMARY_COLUMNS)  # not the per-image arrays: 80 KB a trial
     if trials.empty:
         return ["no trials recorded yet"]
     counts = trials["status"].value_counts().to_dict()

@@ -138,9 +138,9 @@ class ResultsStore:
             if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
         )
 
-    def read(self, table: str) -> pd.DataFrame:
+    def read(self, table: str, columns: list[str] | None = None) -> pd.DataFrame:
         """The table as a DataFrame (empty when it does not exist yet)."""
-        arrow = self.read_table(table)
+        arrow = self.read_table(table, columns)
         return pd.DataFrame() if arrow is None else arrow.to_pandas()
 
     def read_rows(self, table: str) -> list[dict[str, Any]]:
