@@ -74,39 +74,57 @@ def checkpoint_files(storage: Path, name: str, trial_id: str) -> list[Path]:
     return sorted((storage / name / "tune").glob(f"train_trial_{trial_id}_*/checkpoint_*/*.pt"))
 
 
-def named_checkpoint(storage: Path, name: str) -> Path | None:
-    """The checkpoint of an unfinished trial that the experiment state Tune last saved names:
+def named_checkpoints(storage: Path, name: str) -> dict[str, Path]:
+    """The checkpoint of each unfinished trial that the experiment state Tune last saved names:
     Tune saves it every 10 s or so, so a trial's first checkpoints may not be named yet."""
     try:
         analysis = tune.ExperimentAnalysis(str(storage / name / "tune"))
     except (ValueError, OSError):  # not saved yet, or caught mid-write
-        return None
+        return {}
+    named = {}
     for trial in analysis.trials:
         checkpoint = analysis.get_last_checkpoint(trial)
         if trial.status != "TERMINATED" and checkpoint is not None:
-            return Path(checkpoint.path)
-    return None
+            named[trial.trial_id] = Path(checkpoint.path)
+    return named
 
 
-def test_a_corrupt_checkpoint_is_reported_in_one_line_and_the_trial_starts_over(cluster, tmp_path):
-    long = {**LONG, "iterations": 4000}  # long enough for Tune to save its state meanwhile
-    study = write_study(tmp_path, "cut", models=["vae"], search={"grid": {"seed": [0]}}, **long)
+def named_checkpoint(storage: Path, name: str) -> Path | None:
+    return next(iter(named_checkpoints(storage, name).values()), None)
+
+
+def test_a_corrupt_or_vanished_checkpoint_is_told_in_one_line_and_the_trial_starts_over(
+    cluster, tmp_path
+):
+    # Long enough for Tune to save its state meanwhile; both trials at once.
+    long = {**LONG, "iterations": 4000, "concurrency": 2}
+    study = write_study(tmp_path, "cut", models=["vae"], search={"grid": {"seed": [0, 1]}}, **long)
     driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
-    wait_for(lambda: named_checkpoint(tmp_path, "cut") is not None)
+    wait_for(lambda: len(named_checkpoints(tmp_path, "cut")) == 2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    (trial_id,) = rows(tmp_path, "cut").trial_id
-    # Each one Tune keeps, so that the one its saved state names, whichever, is cut short.
-    for path in checkpoint_files(tmp_path, "cut", trial_id):
+    cut, gone = sorted(rows(tmp_path, "cut").trial_id)
+    # Each checkpoint Tune keeps, so that the one its saved state names, whichever, is cut short
+    # for one trial and gone for the other (removed by hand, or by a storage lifecycle rule).
+    for path in checkpoint_files(tmp_path, "cut", cut):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for folder in {path.parent for path in checkpoint_files(tmp_path, "cut", gone)}:
+        shutil.rmtree(folder)
 
     output = run_to_the_end(cluster, "cut", tmp_path)
     notes = [line for line in output.splitlines() if " note " in line]
     assert len(notes) == 1 and "cannot be read; the trial starts over" in notes[0], output[-3000:]
+    assert f"_{cut}_" in notes[0], notes[0]
+    told = [line for line in output.splitlines() if "is gone, and no other is left" in line]
+    assert len(told) == 1 and told[0].startswith(f"trial {gone}: "), output[-3000:]
+    assert told[0].endswith("; it starts over"), told[0]
     assert "Traceback" not in output and "PytorchStreamReader" not in output
+    assert "Could not recover" not in output, output[-3000:]
     trials, curves = tables(tmp_path, "cut")
-    assert trials.status.tolist() == ["finished"] and trials.retries.tolist() == [0]
-    assert curves.iteration.tolist() == list(range(250, 4001, 250))
+    assert set(trials.status) == {"finished"} and trials.retries.tolist() == [0, 0]
+    for trial_id in (cut, gone):
+        curve = curves[curves.trial_id == trial_id].iteration.tolist()
+        assert curve == list(range(250, 4001, 250)), (trial_id, curve)
 
 
 @pytest.mark.parametrize("table", ["trials", "curves", "schema"])

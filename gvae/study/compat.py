@@ -234,7 +234,7 @@ class CatchUpSearcher(AtResume):
 
 class FallBackToNewestCheckpoint(AtResume):
     """Resume each unfinished trial from its newest checkpoint when the one Tune's saved state
-    names is gone.
+    names is gone, or from the start when none is left.
 
     Tune keeps a trial's last `num_to_keep` checkpoints and deletes an older one as soon as a
     newer one is registered, while the state naming the newer one reaches storage only with its
@@ -259,8 +259,15 @@ class FallBackToNewestCheckpoint(AtResume):
             if filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
                 continue
             newest = _newest_checkpoint(filesystem, posixpath.dirname(named.path))
-            if newest is None:
-                continue  # Tune fails the trial, with its own message
+            if newest is None:  # every one was removed (by hand, by a storage lifecycle rule)
+                # An empty folder in its place: Tune restores the trial from it, and the
+                # trainable takes an empty checkpoint for none.
+                filesystem.create_dir(named.path, recursive=True)
+                self.log(
+                    f"trial {trial.trial_id}: its checkpoint {named.path} is gone, and no other "
+                    "is left; it starts over"
+                )
+                continue
             # One newer than the named one, Tune does not know: moved, it is not left behind
             # beyond the checkpoints Tune keeps. An older one Tune removes itself: copied.
             move = posixpath.basename(newest) > posixpath.basename(named.path)

@@ -300,8 +300,11 @@ class StudyTables(Callback):
                     self._amend(trial, Outcome.of_trial(trial))
 
     def _rebuild(self, trial: Any, rows: list[MemberRows]) -> None:
-        with trial.checkpoint.as_directory() as directory:
-            record = load_record(directory, rows)
+        try:
+            with trial.checkpoint.as_directory() as directory:
+                record = load_record(directory, rows)
+        except (OSError, ValueError, KeyError):  # gone or cut short: a trial that runs again
+            return  # writes its rows itself, from wherever it resumes
         timing = {key: record[key] for key in ("wall_seconds", "started_at")}
         for row in rows:
             row.write(self.tables, self.store, record["context"], timing)

@@ -128,6 +128,8 @@ def train_trial(
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as directory:
         resume_from = Path(directory) if directory else None
+        if resume_from is not None and not any(resume_from.iterdir()):
+            resume_from = None  # every checkpoint was gone: the driver said so (compat)
         if resume_from is not None and not _readable(resume_from):
             record.notice = f"checkpoint {checkpoint.path} cannot be read; the trial starts over"
             resume_from = None
