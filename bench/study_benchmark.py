@@ -49,7 +49,7 @@ from statistics import median
 import pandas as pd
 import yaml
 
-from gvae.study.spec import load_study
+from gvae.study.spec import StudySpec, load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,16 +256,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.study or args.skip_plain:
             timed_gvae(study, Path(folder), cpus)
             return
-        count = load_study(study).trial_count
+        spec = load_study(study)
         ratios = []
         for repeat in range(args.repeats):
             # Alternate which runs first, so that neither is always the one that meets a
             # colder page cache or the other's leftover load.
             if repeat % 2 == 0:
                 wall, trials, size = timed_gvae(study, Path(folder), cpus)
-                same_wall = timed_plain_trainer(study, args.model, count, Path(folder), cpus)
+                same_wall = timed_plain_trainer(spec, args.model, Path(folder), cpus)
             else:
-                same_wall = timed_plain_trainer(study, args.model, count, Path(folder), cpus)
+                same_wall = timed_plain_trainer(spec, args.model, Path(folder), cpus)
                 wall, trials, size = timed_gvae(study, Path(folder), cpus)
             ratios.append(wall / same_wall)
             print(f"gvae wall / plain Tune with gvae's trainer wall {ratios[-1]:.2f}", flush=True)
@@ -296,7 +296,7 @@ def timed_gvae(study: Path, folder: Path, cpus: int) -> tuple[float, pd.DataFram
     """Run the study with gvae from a synced disk; its wall time, its trials' times (started_at:
     when Tune started the trial; wall_seconds: the trial's own time) and checkpoint size. Its
     folder is removed after."""
-    name = yaml.safe_load(study.read_text())["name"]
+    name = load_study(study).name
     settle()
     start, wall, lines = run_gvae(study, folder / "results")
     table = pd.read_parquet(folder / "results" / name / "trials.parquet")
@@ -314,13 +314,13 @@ def timed_gvae(study: Path, folder: Path, cpus: int) -> tuple[float, pd.DataFram
     return wall, trials, size
 
 
-def timed_plain_trainer(study: Path, model: str, trials: int, folder: Path, cpus: int) -> float:
+def timed_plain_trainer(spec: StudySpec, model: str, folder: Path, cpus: int) -> float:
     """Run gvae's trainer on the study's trials under plain Tune from a synced disk; its wall."""
     settle()
-    base = {**load_study(study).base_config(), "model": model}
+    base = {**spec.base_config(), "model": model}
     base["data_root"] = str(Path("data").resolve())  # as gvae hands it to its trials
     start, wall, same = run_plain(
-        "--plain-trainer", str(trials), json.dumps(base), str(folder / "same")
+        "--plain-trainer", str(spec.trial_count), json.dumps(base), str(folder / "same")
     )
     report_line("plain Ray Tune, gvae's trainer", start, wall, same, cpus)
     shutil.rmtree(folder / "same")

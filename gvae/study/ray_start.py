@@ -1,7 +1,8 @@
 """Starting or joining Ray for a study's driver.
 
-This module imports Ray alone, so `gvae study run` can make its RayStart before the slow imports
-(torch, the data) and bad input found meanwhile never starts Ray.
+This module imports Ray and gvae.study.compat (which the command imports first anyway), not
+torch, so `gvae study run` can make its RayStart before the slow imports (torch, the data) and bad
+input found meanwhile never starts Ray.
 """
 
 from __future__ import annotations
