@@ -100,7 +100,12 @@ def test_a_corrupt_or_vanished_checkpoint_is_told_in_one_line_and_the_trial_star
     long = {**LONG, "iterations": 4000, "concurrency": 2}
     study = write_study(tmp_path, "cut", models=["vae"], search={"grid": {"seed": [0, 1]}}, **long)
     driver = gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path))
-    wait_for(lambda: len(named_checkpoints(tmp_path, "cut")) == 2)
+
+    def each_named_after_its_second() -> bool:  # so Tune's state keeps two of each trial's
+        named = named_checkpoints(tmp_path, "cut")
+        return len(named) == 2 and all(p.name >= "checkpoint_000001" for p in named.values())
+
+    wait_for(each_named_after_its_second)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     cut, gone = sorted(rows(tmp_path, "cut").trial_id)

@@ -246,9 +246,10 @@ class FallBackToNewestCheckpoint(AtResume):
     newest checkpoint is put in the named one's place, and Tune restores it from there.
     """
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(self, log: Callable[[str], None], kept: int) -> None:
         super().__init__()
         self.log = log
+        self.kept = kept  # the trial's checkpoints Tune keeps (CheckpointConfig.num_to_keep)
 
     def resume(self, trials: list) -> None:
         for trial in trials:
@@ -260,9 +261,11 @@ class FallBackToNewestCheckpoint(AtResume):
                 continue
             newest = _newest_checkpoint(filesystem, posixpath.dirname(named.path))
             if newest is None:  # every one was removed (by hand, by a storage lifecycle rule)
-                # An empty folder in its place: Tune restores the trial from it, and the
-                # trainable takes an empty checkpoint for none.
-                filesystem.create_dir(named.path, recursive=True)
+                # Empty folders in place of those Tune's state keeps: Tune restores the trial
+                # from the named one, which the trainable takes for none, and deletes the older
+                # one once the trial registers a newer (a missing one would log a traceback).
+                for path in _kept_before(named.path, self.kept):
+                    filesystem.create_dir(path, recursive=True)
                 self.log(
                     f"trial {trial.trial_id}: its checkpoint {named.path} is gone, and no other "
                     "is left; it starts over"
@@ -280,6 +283,17 @@ class FallBackToNewestCheckpoint(AtResume):
                 f"after saving the state the study resumes from); it resumes from its newest, "
                 f"{newest}, {'moved' if move else 'copied'} there"
             )
+
+
+def _kept_before(named_path: str, kept: int) -> list[str]:
+    """The named checkpoint folder and the `kept - 1` before it (checkpoint_000004 and
+    checkpoint_000005 for checkpoint_000005 and 2): those Tune's state lists for the trial."""
+    parent, name = posixpath.split(named_path)
+    prefix, _, index = name.rpartition("_")
+    first = max(0, int(index) - kept + 1)
+    return [
+        posixpath.join(parent, f"{prefix}_{i:0{len(index)}d}") for i in range(first, int(index) + 1)
+    ]
 
 
 def _newest_checkpoint(filesystem: pafs.FileSystem, trial_path: str) -> str | None:

@@ -201,7 +201,7 @@ def _fit(
     # The guard first: it stops the study before a trial is recorded failed for a full disk.
     callbacks = [StopWhenStorageFails(store.uri), tables, *tracker_callbacks(spec)]
     if resumed:  # before the tables, which rebuild lost rows from the checkpoints
-        callbacks.insert(1, compat.FallBackToNewestCheckpoint(log))
+        callbacks.insert(1, compat.FallBackToNewestCheckpoint(log, CHECKPOINTS_KEPT))
         callbacks.append(compat.CatchUpSearcher(search["search_alg"]))
     try:
         with compat.sigterm_interrupts(on_sigterm):
