@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ from analysis.load import Study
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.io import write_parquet
+from gvae.provenance import git_commit
 from gvae.study.results import REPRODUCTIONS
 
 # Scalars compared besides the final losses; evaluator_accuracy first: when the classifier itself
@@ -293,7 +292,7 @@ def record(study: Study, reproduction: Reproduction) -> str:
         "identical": reproduction.identical,
         "image_entropies_max_difference": reproduction.image_entropies_max_difference,
         "sample_labels_identical": reproduction.sample_labels_identical,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     for metric, before, after, _ in reproduction.comparison.itertuples(index=False):
         row[f"recorded_{metric}"] = before
@@ -302,18 +301,3 @@ def record(study: Study, reproduction: Reproduction) -> str:
     location = study.store.location(REPRODUCTIONS)
     write_parquet(location, rows)
     return location
-
-
-def _git_commit() -> str | None:
-    """The code's commit (gvae.study.driver has the same, but importing it starts Ray's imports)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None

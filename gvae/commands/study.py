@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from gvae.errors import GvaeError
 from gvae.io import probe_writable
-from gvae.study.results import ResultsStore, study_uri
+from gvae.study.folder import load_saved_spec
+from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.spec import load_study, read_study_file, with_mlflow
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from gvae.study.driver import load_saved_spec
-
     spec, raw = load_saved_spec(args.storage or "results", args.name)
     return _execute(spec, raw, args)
 
@@ -154,7 +153,8 @@ def _check_storage(storage: str, name: str, key: str) -> None:
 def _run_and_summarise(
     spec: Any, raw: dict[str, Any], args: argparse.Namespace, ray_start: RayStart
 ) -> int:
-    from gvae.study.driver import resume_command, run_study, summary_lines  # torch: slow import
+    from analysis.summary import summary_lines
+    from gvae.study.driver import resume_command, run_study  # torch: slow import
 
     wait = {} if args.resource_wait is None else {"resource_wait": args.resource_wait}
     storage = args.storage or spec.storage
@@ -182,7 +182,7 @@ def _run_and_summarise(
 
 
 def _interrupted_line(spec: Any, store: ResultsStore, resume: str) -> str:
-    trials = store.read("trials.parquet", ["status"])
+    trials = store.read(TRIALS, ["status"])
     statuses = trials["status"].value_counts().to_dict() if not trials.empty else {}
     ended = {s: n for s, n in statuses.items() if s not in ("running", "pending")}
     counts = ", ".join(f"{n} {s}" for s, n in sorted(ended.items()))
@@ -197,18 +197,18 @@ def _repair(args: argparse.Namespace) -> int:
 
     repair_study(args.storage, args.name)
     store = ResultsStore(study_uri(args.storage, args.name))
-    counts = store.read("trials.parquet", ["status"])["status"].value_counts().to_dict()
+    counts = store.read(TRIALS, ["status"])["status"].value_counts().to_dict()
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(f"study {args.name}: tables rebuilt ({summary or 'no trials'})")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from gvae.study.driver import load_saved_spec, summary_lines
+    from analysis.summary import summary_lines
 
     spec, _ = load_saved_spec(args.storage, args.name)
     store = ResultsStore(study_uri(args.storage, args.name))
-    if store.read("trials.parquet", ["status"]).empty:
+    if store.read(TRIALS, ["status"]).empty:
         raise GvaeError(f"name: study {args.name!r} has no recorded trials yet")
     print("\n".join(summary_lines(store, spec)))
     return 0

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
-import platform
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
-import yaml
 from ray import tune
 from ray.tune.error import TuneError
 from sqlalchemy.engine import make_url
@@ -32,8 +27,10 @@ from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
 from gvae.io import atomic_local_filesystem, check_reachable
+from gvae.provenance import provenance
 from gvae.study import compat
 from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
+from gvae.study.folder import check_same_study, load_saved_spec, note_other_versions, write_spec
 from gvae.study.lease import StudyLease
 from gvae.study.outcome import ENDED
 from gvae.study.packs import SEEDS
@@ -42,17 +39,12 @@ from gvae.study.ray_start import RayStart
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.search import JOURNAL, Journal, scheduler, tune_search
-from gvae.study.spec import StudySpec, parse_study, read_yaml
+from gvae.study.spec import StudySpec
 from gvae.study.tables import StudyTables, Tables
 from gvae.study.tracking import tracker_callbacks
 from gvae.study.trainable import train_trial
 
 EXPERIMENT = "tune"
-SPEC_FILE = "study.yaml"
-# What a study folder holds and how, besides Tune's own experiment folder: the tables' layout,
-# which rows a trial writes. A folder of another format is refused, not converted.
-FORMAT_FILE = "format.json"
-FORMAT = 2
 # Tune keeps two checkpoints per trial: with one, each evaluation of each trial forces a snapshot
 # of Tune's whole experiment state, which grows with the study (quadratic driver time).
 CHECKPOINTS_KEPT = 2
@@ -97,7 +89,7 @@ def run_study(
     lease = StudyLease(uri, spec.name, log=log)
     with storage_errors(uri, resume):
         check_reachable(uri)
-        _check_same_study(store, raw_spec)
+        check_same_study(store, raw_spec)
         lease.acquire(force=force)
     try:
         with storage_errors(uri, resume):
@@ -142,9 +134,9 @@ def _run_leased(
     if resumed:
         where = store.location(EXPERIMENT)
         log(f"resuming study {spec.name} from {where}: finished trials are kept")
-        _note_other_versions(store, log)
+        note_other_versions(store, log)
     else:
-        _write_spec(store, raw_spec)
+        write_spec(store, raw_spec)
     tables = StudyTables(Tables.of(spec, store.uri, provenance()), spec.tune_trial_count)
     tables.prepare()
     with _optuna_journal(spec, store, log) as journal:
@@ -282,96 +274,6 @@ def repair_study(storage: str, name: str, log: Callable[[str], None] = print) ->
         lease.release()
 
 
-def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
-    """The spec a study ran with, for `gvae study resume NAME`."""
-    store = ResultsStore(study_uri(storage, name))
-    check_reachable(store.uri)
-    if not _exists(store, SPEC_FILE):
-        raise GvaeError(
-            f"study: no study named {name!r} under {storage}; run `gvae study run FILE` first "
-            "or pass --storage"
-        )
-    with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
-        raw = read_yaml(stream.readall().decode())
-    return parse_study(raw), raw
-
-
-def provenance() -> dict[str, Any]:
-    """Versions and commit recorded with every trial, so a result can be traced to its code."""
-    versions = {f"{name}_version": _version(name) for name in ("gvae", "torch", "ray", "optuna")}
-    return {**versions, "python_version": platform.python_version(), "git_commit": _git_commit()}
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-def _exists(store: ResultsStore, name: str) -> bool:
-    return store.fs.get_file_info(f"{store.root}/{name}").type == pafs.FileType.File
-
-
-def _check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
-    """Refuse to mix two different studies under one name, or to continue a study folder of
-    another format."""
-    if not _exists(store, SPEC_FILE):
-        return
-    found = _read_format(store).get("format", 1)
-    if found != FORMAT:
-        versions = "an earlier" if found < FORMAT else "a later"
-        raise GvaeError(
-            f"study: {store.uri} was written by {versions} version of gvae (study format "
-            f"{found}, this one reads {FORMAT}); finish it with the version that wrote it, or "
-            "start it afresh under another name or after removing that folder"
-        )
-    with store.fs.open_input_stream(f"{store.root}/{SPEC_FILE}") as stream:
-        saved = read_yaml(stream.readall().decode())
-    if saved != raw_spec:
-        raise GvaeError(
-            f"name: a different study named {raw_spec['name']!r} already ran in {store.uri}; "
-            "rename this study or remove that folder"
-        )
-
-
-def _write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
-    store.fs.create_dir(store.root, recursive=True)
-    versions = {name: _version(name) for name in ("gvae", "ray", "optuna", "torch")}
-    with store.fs.open_output_stream(store.path(FORMAT_FILE)) as stream:
-        stream.write(json.dumps({"format": FORMAT, "versions": versions}).encode())
-    with store.fs.open_output_stream(store.path(SPEC_FILE)) as stream:
-        stream.write(yaml.safe_dump(raw_spec, sort_keys=False).encode())
-
-
-def _read_format(store: ResultsStore) -> dict[str, Any]:
-    if not _exists(store, FORMAT_FILE):
-        return {}
-    with store.fs.open_input_stream(store.path(FORMAT_FILE)) as stream:
-        return json.loads(stream.readall())
-
-
-def _note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None:
-    """Say so when the study was begun under another minor release of Ray or Optuna, whose
-    saved state this one may read differently."""
-    began = _read_format(store).get("versions", {})
-    for package in ("ray", "optuna"):
-        then, now = began.get(package), _version(package)
-        if then and now and then.split(".")[:2] != now.split(".")[:2]:
-            log(f"study began under {package} {then}; continuing it under {package} {now}")
-
-
 def _leave_job_working_dir() -> None:
     """Under `ray job submit --working-dir`, step out of the unpacked working dir.
 
@@ -395,38 +297,3 @@ def _progress(spec: StudySpec) -> ConsoleProgress:
         params = tuple(SEEDS if key == "seed" else key for key in params)
     # Counted as the tables count trials: a pack's members each once.
     return ConsoleProgress(spec.trial_count, objective=objective, params=params)
-
-
-SUMMARY_COLUMNS = [
-    *("trial_id", "model", "seed", "dataset", "status", "error", "diverged_at"),
-    *("final_mode_entropy", "final_mean_image_entropy", "final_class_histogram"),
-]
-
-
-def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
-    """A short end-of-study summary: counts by status, the best trials, the failures."""
-    trials = store.read(TRIALS, SUMMARY_COLUMNS)  # not the per-image arrays: 80 KB a trial
-    if trials.empty:
-        return ["no trials recorded yet"]
-    counts = trials["status"].value_counts().to_dict()
-    lines = [f"study {spec.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-    done = trials[trials["status"] == "finished"]
-    for dataset, group in done.groupby("dataset"):  # mode entropies compare within a dataset
-        best = group.sort_values("final_mode_entropy", ascending=False).head(5)
-        modes = len(best.iloc[0]["final_class_histogram"])  # 10 digits, or 8 face modes
-        where = f" on {dataset}" if len(spec.datasets) > 1 else ""
-        lines.append(
-            f"best by final mode_entropy{where} (ln {modes} = {math.log(modes):.3f} is the "
-            "ceiling):"
-        )
-        for _, row in best.iterrows():
-            lines.append(
-                f"  {row['trial_id']}  {row['model']:8s} seed={row['seed']}  "
-                f"mode_entropy {row['final_mode_entropy']:.3f}  "
-                f"mean_image_entropy {row['final_mean_image_entropy']:.3f}"
-            )
-    for _, row in trials[trials["status"].isin(["failed", "diverged"])].iterrows():
-        reason = row["error"] if row["status"] == "failed" else f"at it {row['diverged_at']:.0f}"
-        lines.append(f"  {row['status']}: {row['trial_id']} {row['model']}: {reason}")
-    lines.append(f"tables: {store.location(TRIALS)}, {store.location('curves.parquet')}")
-    return lines

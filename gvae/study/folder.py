@@ -1,0 +1,94 @@
+"""A study folder's own files, besides its tables and Tune's experiment folder `tune/`:
+`study.yaml`, the spec that ran, and `format.json`, the folder's format and the versions the
+study began under. Imports neither torch nor Ray: `gvae study status` and `gvae report` read them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+
+from gvae.errors import GvaeError
+from gvae.io import check_reachable
+from gvae.provenance import PACKAGES, installed_version
+from gvae.study.results import ResultsStore, study_uri
+from gvae.study.spec import StudySpec, parse_study, read_yaml
+
+SPEC_FILE = "study.yaml"
+# What a study folder holds and how, besides Tune's own experiment folder: the tables' layout,
+# which rows a trial writes. A folder of another format is refused, not converted.
+FORMAT_FILE = "format.json"
+FORMAT = 2
+
+
+def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
+    """The spec the study `name` under `storage` ran with, validated and as written."""
+    store = ResultsStore(study_uri(storage, name))
+    check_reachable(store.uri)
+    if not _is_file(store, SPEC_FILE):
+        raise GvaeError(
+            f"name: no study named {name!r} under {storage}; pass --storage or run "
+            "`gvae study run FILE` first"
+        )
+    raw = _read_spec(store)
+    return parse_study(raw), raw
+
+
+def check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
+    """Refuse to mix two different studies under one name, or to continue a study folder of
+    another format."""
+    if not _is_file(store, SPEC_FILE):
+        return
+    found = _read_format(store).get("format", 1)
+    if found != FORMAT:
+        versions = "an earlier" if found < FORMAT else "a later"
+        raise GvaeError(
+            f"study: {store.uri} was written by {versions} version of gvae (study format "
+            f"{found}, this one reads {FORMAT}); finish it with the version that wrote it, or "
+            "start it afresh under another name or after removing that folder"
+        )
+    if _read_spec(store) != raw_spec:
+        raise GvaeError(
+            f"name: a different study named {raw_spec['name']!r} already ran in {store.uri}; "
+            "rename this study or remove that folder"
+        )
+
+
+def write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
+    """A new study's format file and spec."""
+    store.fs.create_dir(store.root, recursive=True)
+    versions = {name: installed_version(name) for name in PACKAGES}
+    with store.fs.open_output_stream(store.path(FORMAT_FILE)) as stream:
+        stream.write(json.dumps({"format": FORMAT, "versions": versions}).encode())
+    with store.fs.open_output_stream(store.path(SPEC_FILE)) as stream:
+        stream.write(yaml.safe_dump(raw_spec, sort_keys=False).encode())
+
+
+def note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None:
+    """Say so when the study was begun under another minor release of Ray or Optuna, whose
+    saved state this one may read differently."""
+    began = _read_format(store).get("versions", {})
+    for package in ("ray", "optuna"):
+        then, now = began.get(package), installed_version(package)
+        if then and now and then.split(".")[:2] != now.split(".")[:2]:
+            log(f"study began under {package} {then}; continuing it under {package} {now}")
+
+
+def _is_file(store: ResultsStore, name: str) -> bool:
+    return store.kind(name) == pafs.FileType.File
+
+
+def _read_spec(store: ResultsStore) -> Any:
+    with store.fs.open_input_stream(store.path(SPEC_FILE)) as stream:
+        return read_yaml(stream.readall().decode())
+
+
+def _read_format(store: ResultsStore) -> dict[str, Any]:
+    if not _is_file(store, FORMAT_FILE):
+        return {}
+    with store.fs.open_input_stream(store.path(FORMAT_FILE)) as stream:
+        return json.loads(stream.readall())

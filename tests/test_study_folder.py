@@ -1,0 +1,100 @@
+"""A study folder's own files: the spec that ran, and the format and versions it began under."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gvae.cli import main
+from gvae.errors import GvaeError
+from gvae.provenance import installed_version
+from gvae.study import folder
+from gvae.study.results import ResultsStore, study_uri
+from tests.test_study_spec import VALID
+
+
+@pytest.fixture
+def store(tmp_path) -> ResultsStore:
+    """The folder of a study `t` that began here, written as a new study writes it."""
+    made = ResultsStore(study_uri(str(tmp_path), "t"))
+    folder.write_spec(made, VALID)
+    return made
+
+
+def format_file(store: ResultsStore) -> Path:
+    return Path(store.path(folder.FORMAT_FILE))
+
+
+def test_a_new_study_records_its_spec_format_and_versions(store, tmp_path):
+    spec, raw = folder.load_saved_spec(str(tmp_path), "t")
+    assert raw == VALID and spec.name == "t" and spec.models == ("gan", "cvaegan")
+    written = json.loads(format_file(store).read_text())
+    assert written["format"] == folder.FORMAT
+    assert written["versions"]["ray"] == installed_version("ray")
+    assert written["versions"]["optuna"] == installed_version("optuna")
+    folder.check_same_study(store, VALID)  # the same study continues
+
+
+def test_a_folder_of_another_format_is_refused_with_what_to_do(store):
+    format_file(store).unlink()  # the first format had no format file
+    with pytest.raises(GvaeError) as refused:
+        folder.check_same_study(store, VALID)
+    assert str(refused.value) == (
+        f"study: {store.uri} was written by an earlier version of gvae (study format 1, this "
+        f"one reads {folder.FORMAT}); finish it with the version that wrote it, or start it "
+        "afresh under another name or after removing that folder"
+    )
+    format_file(store).write_text(json.dumps({"format": folder.FORMAT + 1}))
+    with pytest.raises(GvaeError, match="written by a later version of gvae"):
+        folder.check_same_study(store, VALID)
+
+
+def test_another_study_under_the_same_name_is_refused(store):
+    with pytest.raises(GvaeError) as refused:
+        folder.check_same_study(store, {**VALID, "iterations": 80})
+    assert str(refused.value) == (
+        f"name: a different study named 't' already ran in {store.uri}; rename this study or "
+        "remove that folder"
+    )
+
+
+def test_a_study_begun_under_another_ray_minor_says_so(store):
+    written = json.loads(format_file(store).read_text())
+    ray, optuna = written["versions"]["ray"], written["versions"]["optuna"]
+    major, minor, *_ = ray.split(".")
+    written["versions"]["ray"] = f"{major}.{int(minor) - 1}.3"
+    format_file(store).write_text(json.dumps(written))
+    lines: list[str] = []
+    folder.note_other_versions(store, lines.append)
+    assert lines == [
+        f"study began under ray {major}.{int(minor) - 1}.3; continuing it under ray {ray}"
+    ]
+    written["versions"]["ray"] = f"{major}.{minor}.999"  # another patch release: nothing to say
+    format_file(store).write_text(json.dumps(written))
+    lines.clear()
+    folder.note_other_versions(store, lines.append)
+    assert lines == [] and optuna == installed_version("optuna")
+
+
+def test_gvae_study_run_refuses_an_older_folder_in_one_line_and_leaves_it(store, tmp_path, capsys):
+    format_file(store).unlink()
+    before = {path: path.read_bytes() for path in Path(store.root).rglob("*")}
+    study = tmp_path / "t.yaml"
+    study.write_text(yaml.safe_dump(VALID))
+    assert main(["study", "run", str(study), "--storage", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("gvae: error: study: ") and "\n" not in error, error
+    assert "finish it with the version that wrote it" in error
+    assert {path: path.read_bytes() for path in Path(store.root).rglob("*")} == before
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_status_and_resume_of_no_such_study_name_the_fix(tmp_path, capsys):
+    for command in (["study", "status", "nope"], ["study", "resume", "nope"], ["report", "nope"]):
+        assert main([*command, "--storage", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"gvae: error: name: no study named 'nope' under {tmp_path}; pass --storage or run "
+            "`gvae study run FILE` first"
+        )
