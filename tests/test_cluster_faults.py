@@ -171,15 +171,27 @@ def test_gvae_study_repair_rebuilds_a_deleted_table(cluster, tmp_path):
     code, output = finish(gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path)))
     assert code == 0, output[-3000:]
     straight, straight_curves = tables(tmp_path, "lost")
+
+    def repair() -> None:
+        command = ["study", "repair", "lost", "--storage", str(tmp_path)]
+        done = subprocess.run(
+            [sys.executable, "-m", "gvae.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    # The curves alone lost: they come back, and the trials table is left as it was.
+    (tmp_path / "lost" / "curves.parquet").unlink()
+    repair()
+    trials, curves = tables(tmp_path, "lost")
+    pd.testing.assert_frame_equal(curves, straight_curves)
+    pd.testing.assert_frame_equal(trials, straight)
+
     (tmp_path / "lost" / "trials.parquet").unlink()
     (tmp_path / "lost" / "curves.parquet").unlink()
-    done = subprocess.run(
-        [sys.executable, "-m", "gvae.cli", "study", "repair", "lost", "--storage", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    repair()
     trials, curves = tables(tmp_path, "lost")
     columns = [c for c in straight.columns if c not in ("wall_seconds", "retries")]
     pd.testing.assert_frame_equal(

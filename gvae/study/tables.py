@@ -264,16 +264,18 @@ class StudyTables(Callback):
         for name, schema in ((TRIALS, self.tables.trials), (CURVES, self.tables.curves)):
             FragmentedTable(self.store, name, schema).open_for_writing()
         try:
-            self.store.read_table(CURVES, ["trial_id"])
+            curves = self.store.read_table(CURVES, ["trial_id"])
             stored = self.store.read_table(TRIALS, ["trial_id", "status"])
         except UnreadableTable:  # a fragment cut short (a crash, a full disk, a bad copy)
             for name in (TRIALS, CURVES):
                 for path in unreadable_fragments(self.store, name):
                     log(f"{path} cannot be read; its rows are rebuilt from the trial's checkpoint")
                     self.store.fs.delete_file(path)
+            curves = self.store.read_table(CURVES, ["trial_id"])
             stored = self.store.read_table(TRIALS, ["trial_id", "status"])
         columns = stored.to_pydict()
         self.stored = dict(zip(columns["trial_id"], columns["status"], strict=True))
+        self.with_curve = set(curves.column("trial_id").to_pylist())
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.reconciled:
@@ -291,13 +293,17 @@ class StudyTables(Callback):
                 FragmentedTable(self.store, name, schema).write_trial(row_id, [])
         for trial in trials:
             rows = member_rows(trial.trial_id, trial.config)
-            if any(row.row_id not in self.stored for row in rows) and trial.checkpoint:
+            # A trial with a checkpoint has evaluated: rows without a curve lost it.
+            if any(not self._complete(row.row_id) for row in rows) and trial.checkpoint:
                 self._rebuild(trial, rows)
             if any(self.stored.get(row.row_id) not in ENDED for row in rows):
                 if trial.status == "ERROR":
                     self.on_trial_error(iteration=0, trials=trials, trial=trial)
                 elif trial.status == "TERMINATED":
                     self._amend(trial, Outcome.of_trial(trial))
+
+    def _complete(self, row_id: str) -> bool:
+        return row_id in self.stored and row_id in self.with_curve
 
     def _rebuild(self, trial: Any, rows: list[MemberRows]) -> None:
         try:
@@ -307,8 +313,13 @@ class StudyTables(Callback):
             return  # writes its rows itself, from wherever it resumes
         timing = {key: record[key] for key in ("wall_seconds", "started_at")}
         for row in rows:
-            row.write(self.tables, self.store, record["context"], timing)
-            self.stored[row.row_id] = row.status.value
+            if row.row_id in self.stored:  # its curve alone was lost: the row stays as it is
+                curve = row.curve_rows(self.tables)
+                write_fragment(self.store, CURVES, self.tables.curves, row.row_id, curve)
+            else:
+                row.write(self.tables, self.store, record["context"], timing)
+                self.stored[row.row_id] = row.status.value
+            self.with_curve.add(row.row_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         outcome = Outcome.of_trial(trial)
