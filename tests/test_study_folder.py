@@ -98,3 +98,34 @@ def test_status_and_resume_of_no_such_study_name_the_fix(tmp_path, capsys):
             f"gvae: error: name: no study named 'nope' under {tmp_path}; pass --storage or run "
             "`gvae study run FILE` first"
         )
+
+
+SPEC_FIX = "copy the study file it ran with there"
+FORMAT_FIX = 'write {"format": 2} there if this version of gvae began the study'
+
+
+@pytest.mark.parametrize(
+    "damaged, text, fix",
+    [
+        ("study.yaml", "name: [t\n", SPEC_FIX),
+        ("study.yaml", b"\xff\xfe", SPEC_FIX),
+        ("format.json", '{"format": 2, "vers', FORMAT_FIX),
+        ("format.json", '["format"]', FORMAT_FIX),
+    ],
+)
+def test_a_damaged_spec_or_format_file_is_one_line_naming_it(
+    store, tmp_path, capsys, damaged, text, fix
+):
+    path = Path(store.path(damaged))
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    study = tmp_path / "t.yaml"
+    study.write_text(yaml.safe_dump(VALID))
+    commands = [["study", "run", str(study)], ["study", "resume", "t"]]
+    if damaged == "study.yaml":  # status and report read the spec, not the format
+        commands += [["study", "status", "t"], ["report", "t"]]
+    for command in commands:
+        assert main([*command, "--storage", str(tmp_path)]) == 2, command
+        assert capsys.readouterr().err.strip() == (
+            f"gvae: error: study: {path} is damaged and cannot be read; {fix}, or start the "
+            f"study afresh under another name or after removing {store.uri}"
+        ), command

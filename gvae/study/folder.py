@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from gvae.errors import GvaeError
-from gvae.io import check_reachable
+from gvae.io import check_reachable, write_bytes, write_json
 from gvae.provenance import PACKAGES, installed_version
 from gvae.study.results import ResultsStore, study_uri
 from gvae.study.spec import StudySpec, parse_study, read_yaml
@@ -59,13 +59,11 @@ def check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
 
 
 def write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
-    """A new study's format file and spec."""
-    store.fs.create_dir(store.root, recursive=True)
+    """A new study's format file, then its spec: each appears whole or not at all, and a folder
+    without the spec is a new study's."""
     versions = {name: installed_version(name) for name in PACKAGES}
-    with store.fs.open_output_stream(store.path(FORMAT_FILE)) as stream:
-        stream.write(json.dumps({"format": FORMAT, "versions": versions}).encode())
-    with store.fs.open_output_stream(store.path(SPEC_FILE)) as stream:
-        stream.write(yaml.safe_dump(raw_spec, sort_keys=False).encode())
+    write_json(store.location(FORMAT_FILE), {"format": FORMAT, "versions": versions})
+    write_bytes(store.location(SPEC_FILE), yaml.safe_dump(raw_spec, sort_keys=False).encode())
 
 
 def note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None:
@@ -83,12 +81,32 @@ def _is_file(store: ResultsStore, name: str) -> bool:
 
 
 def _read_spec(store: ResultsStore) -> Any:
-    with store.fs.open_input_stream(store.path(SPEC_FILE)) as stream:
-        return read_yaml(stream.readall().decode())
+    try:
+        return read_yaml(_read(store, SPEC_FILE).decode())
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise _damaged(store, SPEC_FILE, "copy the study file it ran with there") from None
 
 
 def _read_format(store: ResultsStore) -> dict[str, Any]:
     if not _is_file(store, FORMAT_FILE):
         return {}
-    with store.fs.open_input_stream(store.path(FORMAT_FILE)) as stream:
-        return json.loads(stream.readall())
+    try:
+        found = json.loads(_read(store, FORMAT_FILE))
+    except ValueError:
+        found = None
+    if not isinstance(found, dict) or not isinstance(found.get("format", 1), int):
+        fix = f'write {{"format": {FORMAT}}} there if this version of gvae began the study'
+        raise _damaged(store, FORMAT_FILE, fix)
+    return found
+
+
+def _read(store: ResultsStore, name: str) -> bytes:
+    with store.fs.open_input_stream(store.path(name)) as stream:
+        return stream.readall()
+
+
+def _damaged(store: ResultsStore, name: str, fix: str) -> GvaeError:
+    return GvaeError(
+        f"study: {store.location(name)} is damaged and cannot be read; {fix}, or start the study "
+        f"afresh under another name or after removing {store.uri}"
+    )
