@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 from ray import tune
 
+from gvae.study import compat
 from tests.test_faults import LONG, finish, gvae, rows, wait_for
 from tests.test_study import tables, write_study
 
@@ -243,3 +245,37 @@ def test_a_checkpoint_tune_removed_after_its_last_saved_state_leaves_the_newest(
     assert trials.status.tolist() == ["finished"] and trials.retries.tolist() == [0]
     assert curves.iteration.tolist() == list(range(250, 4001, 250))
     assert len({p.parent for p in checkpoint_files(tmp_path, "gone", "*")}) == 2  # as Tune keeps
+
+
+def test_a_damaged_tune_state_is_refused_in_one_line_and_no_result_is_dropped(cluster, tmp_path):
+    study = write_study(tmp_path, "state", models=["vae"], search={"grid": {"seed": [0, 1]}})
+    code, output = finish(gvae(cluster, "study", "run", str(study), "--storage", str(tmp_path)))
+    assert code == 0, output[-3000:]
+    experiment = tmp_path / "state" / "tune"
+    (state,) = experiment.glob("experiment_state-*.json")
+    fs = pafs.LocalFileSystem()
+    assert compat.experiment_states(fs, str(experiment)) == [str(state)]
+    assert compat.readable_experiment_state(fs, str(state))  # what Tune writes, read as Tune does
+    straight = tables(tmp_path, "state")[0].sort_values("trial_id").reset_index(drop=True)
+
+    def refused(expected: str) -> None:
+        code, output = finish(gvae(cluster, "study", "resume", "state", "--storage", str(tmp_path)))
+        assert code == 2, output[-3000:]
+        last = output.strip().splitlines()[-1]
+        assert last.startswith(f"gvae: error: study: {expected}"), last
+        trials = tables(tmp_path, "state")[0].sort_values("trial_id").reset_index(drop=True)
+        pd.testing.assert_frame_equal(
+            trials, straight.sort_values("trial_id").reset_index(drop=True)
+        )
+        assert sorted(experiment.glob("experiment_state-*.json")) == [state]  # none begun anew
+
+    # Tune cannot restore its searcher's state: it would begin the study over under new ids.
+    (searcher_state,) = experiment.glob("basic-variant-state-*.json")
+    intact = searcher_state.read_bytes()
+    searcher_state.write_bytes(intact[:50])
+    refused(f"Tune could not restore state from its saved state in {experiment} (its error")
+    searcher_state.write_bytes(intact)
+
+    # Its experiment state cut short: refused before Ray starts.
+    state.write_bytes(state.read_bytes()[:100])
+    refused(f"Tune's saved state {state} is damaged and cannot be read; restore it from a copy")

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from gvae.cli import main
 from gvae.errors import GvaeError
 from gvae.provenance import installed_version
 from gvae.study import folder
+from gvae.study.lease import StudyLease
 from gvae.study.results import ResultsStore, study_uri
 from tests.test_study_spec import VALID
 
@@ -129,3 +131,23 @@ def test_a_damaged_spec_or_format_file_is_one_line_naming_it(
             f"gvae: error: study: {path} is damaged and cannot be read; {fix}, or start the "
             f"study afresh under another name or after removing {store.uri}"
         ), command
+
+
+def test_a_damaged_lease_is_rewritten_by_its_live_driver_and_keeps_a_second_off(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("GVAE_LEASE_SECONDS", "2")  # heartbeats every 0.5 s
+    uri = study_uri(str(tmp_path), "t")
+    first = StudyLease(uri, "t", log=lambda _: None)
+    first.acquire()
+    try:
+        lease = Path(first.location)
+        lease.write_text('{"host": "x", "pi')
+        assert first.holder() is None
+        time.sleep(1.5)  # a heartbeat or more: it reads the damaged file and writes a whole one
+        assert first.holder() is not None and first.holder().token == first.token
+        with pytest.raises(GvaeError, match="study: t is already being run by the driver on"):
+            StudyLease(uri, "t", log=lambda _: None).acquire()
+    finally:
+        first.release()
+    assert not Path(first.location).exists()

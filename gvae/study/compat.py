@@ -17,6 +17,8 @@ os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 import contextlib
 import copy
+import fnmatch
+import json
 import logging
 import math
 import posixpath
@@ -314,6 +316,31 @@ def _fail_orphans(study: optuna.Study, known: set[int]) -> None:
     for trial in running:
         if trial.number not in known:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+# Tune saves a study's state as `experiment_state-<time>.json` in its experiment folder and
+# resumes from the newest by name (ray/tune/execution/experiment_state.py). One it cannot read
+# makes TuneController log the error and start the experiment over, unless `fail_fast`, which
+# would also end the study at its first failed trial: the trials the study recorded would be
+# dropped as unknown to the new experiment. So the driver reads the newest state first.
+EXPERIMENT_STATE = "experiment_state-*.json"
+
+
+def experiment_states(filesystem: pafs.FileSystem, experiment_path: str) -> list[str]:
+    """The experiment states Tune saved for a study, oldest first (the last is resumed)."""
+    selector = pafs.FileSelector(experiment_path, allow_not_found=True)
+    infos = filesystem.get_file_info(selector)
+    return sorted(i.path for i in infos if fnmatch.fnmatch(i.base_name, EXPERIMENT_STATE))
+
+
+def readable_experiment_state(filesystem: pafs.FileSystem, path: str) -> bool:
+    """Whether Tune can restore a study from the experiment state at `path`."""
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            state = json.loads(stream.readall())
+    except ValueError:  # cut short, or not JSON at all
+        return False
+    return isinstance(state, dict) and {"trial_data", "runner_data"} <= set(state)
 
 
 def journal_storage(path: str) -> JournalStorage:

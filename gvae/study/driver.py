@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from gvae.data import load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
-from gvae.io import atomic_local_filesystem, check_reachable
+from gvae.io import atomic_local_filesystem, check_reachable, join
 from gvae.provenance import provenance
 from gvae.study import compat
 from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
@@ -90,6 +90,7 @@ def run_study(
     with storage_errors(uri, resume):
         check_reachable(uri)
         check_same_study(store, raw_spec)
+        _has_saved_state(store)  # a damaged one is refused before Ray starts
         lease.acquire(force=force)
     try:
         with storage_errors(uri, resume):
@@ -137,7 +138,8 @@ def _run_leased(
         note_other_versions(store, log)
     else:
         write_spec(store, raw_spec)
-    tables = StudyTables(Tables.of(spec, store.uri, provenance()), spec.tune_trial_count)
+    tables = Tables.of(spec, store.uri, provenance())
+    tables = StudyTables(tables, spec.tune_trial_count, resumed)
     tables.prepare()
     with _optuna_journal(spec, store, log) as journal:
         experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
@@ -160,10 +162,20 @@ def _load_data(
 
 def _has_saved_state(store: ResultsStore) -> bool:
     """Whether Tune saved an experiment state for the study, which `tune.run(resume=True)`
-    continues."""
-    selector = pafs.FileSelector(store.path(EXPERIMENT), allow_not_found=True)
-    names = (info.base_name for info in store.fs.get_file_info(selector))
-    return any(name.startswith("experiment_state-") for name in names)
+    continues; one it could not read is refused (compat.EXPERIMENT_STATE says why)."""
+    states = compat.experiment_states(store.fs, store.path(EXPERIMENT))
+    if not states or compat.readable_experiment_state(store.fs, states[-1]):
+        return bool(states)
+    newest = join(store.uri, EXPERIMENT, states[-1].rsplit("/", 1)[1])
+    fix = "restore it from a copy of the study folder"
+    if len(states) > 1:
+        earlier = states[-2].rsplit("/", 1)[1]
+        fix = f"remove it to resume from an earlier run's state, {earlier} (trials begun since "
+        fix += "then run again)"
+    raise GvaeError(
+        f"study: Tune's saved state {newest} is damaged and cannot be read; {fix}, or start the "
+        "study afresh under another name"
+    )
 
 
 def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:

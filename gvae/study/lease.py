@@ -119,9 +119,13 @@ class StudyLease:
             write_bytes(self.handover, json.dumps({"token": self.token}).encode())
 
     def holder(self) -> Holder | None:
+        """Who holds the lease; None when nobody does, or its file is damaged (written whole,
+        it was damaged from outside): a live holder rewrites it within a heartbeat."""
         data = read_bytes(self.location)
-        record = json.loads(data) if data else {}
-        return Holder(**record) if record else None
+        try:
+            return Holder(**json.loads(data)) if data else None
+        except (ValueError, TypeError):
+            return None
 
     def _wait_until_stopped(self, old: Holder) -> None:
         """Wait for the driver this one took the study from to stop: its handover note, its pid

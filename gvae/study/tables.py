@@ -29,6 +29,8 @@ from ray.tune import Callback
 from ray.tune.result import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 
 from gvae.config import TrialConfig
+from gvae.errors import GvaeError
+from gvae.io import join
 from gvae.study.outcome import ENDED, Outcome, Status, is_finite_number, trial_error
 from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
 from gvae.study.results import (
@@ -251,9 +253,10 @@ def load_record(directory: str, rows: list[MemberRows]) -> dict[str, Any]:
 class StudyTables(Callback):
     """The driver's part of the tables (see the module docstring)."""
 
-    def __init__(self, tables: Tables, total: int) -> None:
+    def __init__(self, tables: Tables, total: int, resumed: bool = False) -> None:
         self.tables = tables
         self.total = total  # Tune trials the study runs in all
+        self.resumed = resumed  # Tune is to continue its saved state
         self.store = tables.store()
         self.reconciled = False
 
@@ -288,6 +291,16 @@ class StudyTables(Callback):
         suggests them again under new ids), rebuild lost rows from each trial's newest
         checkpoint, and mark the trials Tune saw end after their own last write."""
         known = {m.row_id for trial in trials for m in member_rows(trial.trial_id, trial.config)}
+        ended = sum(status in ENDED for status in self.stored.values())
+        if self.resumed and ended and not known & set(self.stored):
+            # Tune could not restore its saved state (a damaged searcher state, say) and began
+            # the study over: dropping the rows it does not know would drop every result.
+            raise GvaeError(
+                f"study: Tune could not restore {self.tables.study} from its saved state in "
+                f"{join(self.tables.uri, 'tune')} (its error is above) and would start it over; "
+                f"the {ended} ended trials recorded are kept: restore that folder from a copy, or "
+                "start the study afresh under another name"
+            )
         for row_id in set(self.stored) - known:
             for name, schema in ((TRIALS, self.tables.trials), (CURVES, self.tables.curves)):
                 FragmentedTable(self.store, name, schema).write_trial(row_id, [])
