@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gvae.evaluation import load_or_train_evaluator
-from gvae.study.outcome import Outcome, Status
+from gvae.study.outcome import DIVERGED_MEMBERS_KEY, Outcome, Status
 from gvae.study.progress import ConsoleProgress
 from gvae.study.results import CURVES, TRIALS
 from gvae.study.spec import parse_study
@@ -383,7 +383,8 @@ def test_the_progress_counts_a_packs_members_as_the_tables_do():
     progress.on_trial_complete(0, trials, lone)
     lone.status = "TERMINATED"
     later = FakeTrial("abcde_00002", {**config, "seeds": "3,4"}, status="TERMINATED")
-    later.last_result = {"iteration": 60, "mode_entropy": 1.7}
+    # One of its members diverged while the other trained on to the end.
+    later.last_result = {"iteration": 60, "mode_entropy": 1.7, DIVERGED_MEMBERS_KEY: 1}
     trials.append(later)
     progress.on_trial_complete(0, trials, later)
     progress.on_experiment_end(trials)
@@ -393,7 +394,15 @@ def test_the_progress_counts_a_packs_members_as_the_tables_do():
         "[3/5] finished vae seed=2",
         "[5/5] finished vae seeds=3,4",
     ]
-    assert lines[3].startswith("[5/5] 3 done  0 running  0 pending  0 failed  2 diverged")
+    assert lines[2].endswith("mode_entropy 1.700  (1 of 2 members diverged)"), lines[2]
+    assert lines[3].startswith("[5/5] 2 done  0 running  0 pending  0 failed  3 diverged")
+
+    # Resumed, the study counts the ended trials of its earlier run the same way.
+    resumed = ConsoleProgress(5, params=("model", "seeds", "seed"), stream=io.StringIO())
+    resumed.setup()
+    resumed.on_step_begin(0, trials)
+    resumed._draw(trials)
+    assert resumed.progress_line().startswith("[5/5] 2 done  0 running  0 pending  0 failed  3 d")
 
 
 def test_a_resumed_studys_progress_keeps_the_best_of_its_earlier_run():

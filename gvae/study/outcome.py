@@ -21,6 +21,8 @@ OUTCOME_KEY = "outcome"  # the result key of a trial's last report when it did n
 # The result key of what a trial tells the study besides its metrics (a checkpoint it could not
 # read), printed as a line of its own.
 NOTICE_KEY = "notice"
+# The result key of how many members of a pack have diverged so far; the rest train on.
+DIVERGED_MEMBERS_KEY = "diverged_members"
 
 
 class Status(str, Enum):
@@ -59,6 +61,12 @@ class Outcome:
             return cls(Status(record["status"]), record.get("error"), record.get("diverged_at"))
         done = result.get("iteration") == trial.config.get("iterations")
         return cls(Status.FINISHED if done else Status.STOPPED)
+
+
+def diverged_members(trial: Any) -> int:
+    """How many members of a pack trial diverged while the others trained on (0 for a trial
+    that is no pack)."""
+    return int((trial.last_result or {}).get(DIVERGED_MEMBERS_KEY, 0))
 
 
 def is_finite_number(value: Any) -> bool:

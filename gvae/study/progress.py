@@ -18,7 +18,14 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from gvae.study.outcome import NOTICE_KEY, Outcome, Status, is_finite_number, trial_error
+from gvae.study.outcome import (
+    NOTICE_KEY,
+    Outcome,
+    Status,
+    diverged_members,
+    is_finite_number,
+    trial_error,
+)
 from gvae.study.packs import is_pack, seeds_of
 
 ERASE = "\r\x1b[K"
@@ -147,8 +154,8 @@ class ConsoleProgress(Callback):
             self._count(trials)
         else:
             self.ended += size
-            key = "done" if status in ("finished", "stopped") else status
-            self.counts[key] += size
+            for key, count in _ended_rows(status, trial).items():
+                self.counts[key] += count
             self.counts["running"] = max(self.counts["running"] - size, 0)
         result = trial.last_result or {}
         metrics = "  ".join(
@@ -160,6 +167,8 @@ class ConsoleProgress(Callback):
             metrics = f"losses not finite at iteration {outcome.diverged_at}"
         elif outcome.status is Status.FAILED:
             metrics = outcome.error or trial_error(trial)
+        elif diverged_members(trial):
+            metrics += f"  ({diverged_members(trial)} of {size} members diverged)"
         seconds = result.get("time_total_s")
         took = f"  {seconds:.1f} s" if seconds is not None else ""
         line = f"{self._counter()} {status} {self._describe(trial)}  {metrics}{took}"
@@ -170,22 +179,21 @@ class ConsoleProgress(Callback):
     def _count(self, trials: list) -> None:
         counts = {"running": 0, "pending": 0, "failed": 0, "diverged": 0, "done": 0}
         known = 0
+        before = self.ended_before or set()
         for trial in trials:
             size = _members(trial)
             known += size
             ended = self.final.get(trial.trial_id)
+            if ended is None and trial.status == "TERMINATED" and trial.trial_id in before:
+                ended = Outcome.of_trial(trial).status.value
             if ended is not None:  # Tune sets the status after calling the hooks
-                counts["done" if ended in ("finished", "stopped") else ended] += size
+                for key, count in _ended_rows(ended, trial).items():
+                    counts[key] += count
             elif trial.status == "RUNNING":
                 counts["running"] += size
             elif trial.status == "ERROR":
                 counts["failed"] += size
-            elif trial.status == "TERMINATED" and trial.trial_id not in (self.ended_before or ()):
-                counts["pending"] += size  # stopped by an interrupt: it resumes with the study
-            elif trial.status == "TERMINATED":
-                ended = Outcome.of_trial(trial).status.value
-                counts["done" if ended in ("finished", "stopped") else ended] += size
-            else:
+            else:  # pending, or stopped by an interrupt: it resumes with the study
                 counts["pending"] += size
         counts["pending"] += max(self.total - known, 0)  # not created by the searcher yet
         self.counts = counts
@@ -226,6 +234,16 @@ class ConsoleProgress(Callback):
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _ended_rows(status: str, trial: Any) -> dict[str, int]:
+    """The rows of an ended trial by how they count: a pack that finished may hold members that
+    diverged while the others trained on."""
+    size = _members(trial)
+    if status not in ("finished", "stopped"):
+        return {status: size}
+    diverged = min(diverged_members(trial), size)
+    return {"done": size - diverged, "diverged": diverged}
 
 
 def _members(trial: Any) -> int:

@@ -21,7 +21,13 @@ from gvae.divergence import Diverged
 from gvae.errors import GvaeError
 from gvae.evaluation import Evaluator
 from gvae.io import CHECKPOINT_FILE
-from gvae.study.outcome import NOTICE_KEY, Outcome, Status, is_finite_number
+from gvae.study.outcome import (
+    DIVERGED_MEMBERS_KEY,
+    NOTICE_KEY,
+    Outcome,
+    Status,
+    is_finite_number,
+)
 from gvae.study.packs import is_pack, members
 from gvae.study.results import CURVES, TRIALS, FragmentedTable
 from gvae.study.tables import (
@@ -169,6 +175,7 @@ def _train(
             result["members"] = {
                 f"seed{seed}": mean_scalars([row]) for seed, row in zip(seeds, rows, strict=True)
             }
+            result[DIVERGED_MEMBERS_KEY] = sum("diverged_at" in row for row in rows)
         if record.notice:
             result[NOTICE_KEY], record.notice = record.notice, None
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
