@@ -30,8 +30,6 @@ FIDELITY_METRICS = {
     "coverage": "max",
     "frechet_distance": "min",
 }
-# The real data's reference row has these (the k-NN metrics compare images with the real ones).
-REAL_METRICS = ("modes_covered", "kl_to_uniform", "classifier_score")
 
 # Stacked MNIST, modes covered (of 1,000) and KL(histogram || uniform) from PacGAN (Lin et al.
 # 2018) Table 2; ALI, Unrolled GAN and VEEGAN as PacGAN quotes them from the VEEGAN paper. Other

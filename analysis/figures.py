@@ -175,29 +175,6 @@ def sample_grids(trials: pd.DataFrame) -> Figure:
     return figure
 
 
-def pareto_figure(trials: pd.DataFrame, objectives: Mapping[str, str]) -> Figure:
-    """Every finished trial in (mode entropy, mean image entropy), the Pareto front highlighted."""
-    done = finished(trials).dropna(subset=["final_mode_entropy", "final_mean_image_entropy"])
-    front = pareto_front(done, objectives)
-    figure = Figure(figsize=(6, 4.5), layout="constrained")
-    axes = figure.add_subplot()
-    x, y = "final_mode_entropy", "final_mean_image_entropy"
-    axes.scatter(done[x], done[y], color="tab:gray", label=f"finished trials (n={len(done)})")
-    line = front.sort_values(x)
-    axes.plot(line[x], line[y], "o-", color="tab:red", label=f"Pareto front (n={len(front)})")
-    for _, row in front.iterrows():
-        axes.annotate(
-            row["trial_id"], (row[x], row[y]), fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
-    wanted = ", ".join(
-        f"{column.removeprefix('final_')} {mode}" for column, mode in objectives.items()
-    )
-    axes.set(xlabel="final mode entropy (nats)", ylabel="final mean image entropy (nats)")
-    axes.set_title(f"Objectives: {wanted}")
-    axes.legend(fontsize="small")
-    return figure
-
-
 def landscape(
     trials: pd.DataFrame,
     x: str,

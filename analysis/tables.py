@@ -195,15 +195,6 @@ def pareto_front(trials: pd.DataFrame, objectives: Mapping[str, str]) -> pd.Data
     return front.sort_values(first, ascending=objectives[first] == "min", kind="stable")
 
 
-def best_trials(trials: pd.DataFrame, objectives: Mapping[str, str], top: int = 10) -> pd.DataFrame:
-    """Finished trials worth a look: the Pareto front (several objectives) or the `top` best."""
-    done = finished(trials)
-    if len(objectives) > 1:
-        return pareto_front(done, objectives)
-    ((column, mode),) = objectives.items()
-    return done.dropna(subset=[column]).sort_values(column, ascending=mode == "min").head(top)
-
-
 def failures(trials: pd.DataFrame) -> pd.DataFrame:
     """Every trial that did not finish, with its status, how far it got and why it stopped."""
     columns = ["trial_id", "model", "seed", "status", "iterations_done", "diverged_at"]

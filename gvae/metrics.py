@@ -5,8 +5,8 @@ measures sharpness (is each digit confidently one class?), and the Frechet dista
 feature statistics of two sample sets.
 
 Faces have no ten classes but binary attributes. There, the modes are the joint values of a few
-attributes (`attribute_mode_entropy`: Male x Smiling x Eyeglasses gives 8 modes, ln 8 when even),
-and sharpness is the mean binary entropy of all attribute predictions (`mean_binary_entropy`).
+attributes (`joint_modes`: Male x Smiling x Eyeglasses gives 8 modes, ln 8 when even), and
+sharpness is the mean binary entropy of all attribute predictions (`binary_entropies`).
 """
 
 from __future__ import annotations
@@ -63,12 +63,6 @@ def joint_modes(bits: torch.Tensor) -> torch.Tensor:
     return (bits.long() * weights).sum(dim=1).cpu()
 
 
-def attribute_mode_entropy(bits: torch.Tensor) -> float:
-    """Entropy of the joint histogram of k binary attributes [N, k]; ln(2^k) when all 2^k
-    combinations are equally frequent, 0 when every image has the same combination."""
-    return mode_entropy(joint_modes(bits), 2 ** bits.shape[1])
-
-
 def binary_entropies(probs: torch.Tensor) -> torch.Tensor:
     """Per image, the mean over A attributes of the binary entropy of each predicted probability:
     [N, A] -> [N], in nats, between 0 (every attribute certain) and ln 2 (every one a coin toss).
@@ -80,17 +74,12 @@ def binary_entropies(probs: torch.Tensor) -> torch.Tensor:
     return entropy(torch.stack([probs, 1 - probs], dim=-1), dim=-1).mean(dim=1)
 
 
-def mean_binary_entropy(probs: torch.Tensor) -> float:
-    """Mean over images of `binary_entropies`: the attribute analogue of mean image entropy."""
-    return float(binary_entropies(probs.double()).mean())
-
-
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean [D] and covariance [D, D] (float64, CPU) of features [N, D]: what the Frechet distance
     compares."""
     x = features.detach().reshape(len(features), -1).double().cpu()
     if len(x) < 2:
-        raise ValueError("frechet_distance needs at least two samples per set")
+        raise ValueError("the Frechet distance needs at least two samples per set")
     return x.mean(dim=0), torch.atleast_2d(torch.cov(x.T))
 
 
@@ -101,22 +90,15 @@ def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, D] and [M, D].
+def frechet_distance_from_statistics(
+    mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor
+) -> float:
+    """Frechet distance between Gaussians with the given `feature_statistics`.
 
     ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2). The trace of (S_a S_b)^1/2 equals that of
     (sqrt(S_a) S_b sqrt(S_a))^1/2, which is symmetric PSD, so eigvalsh is stable where a general
     matrix square root of the non-symmetric S_a S_b is not.
     """
-    return frechet_distance_from_statistics(
-        *feature_statistics(features_a), *feature_statistics(features_b)
-    )
-
-
-def frechet_distance_from_statistics(
-    mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor
-) -> float:
-    """`frechet_distance` from precomputed `feature_statistics` (e.g. of a fixed reference set)."""
     mu_a, cov_a, mu_b, cov_b = (t.double().cpu() for t in (mu_a, cov_a, mu_b, cov_b))
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"feature sizes differ: {mu_a.numel()} vs {mu_b.numel()}")

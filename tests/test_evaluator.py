@@ -73,7 +73,7 @@ def test_second_call_loads_from_cache(
         f"(held-out accuracy {evaluator.accuracy:.1%})"
     ]
     images = mnist5k.test_images[:300]
-    assert torch.equal(again.predict_probs(images), evaluator.predict_probs(images))
+    assert torch.equal(again.predict(images)[0], evaluator.predict(images)[0])
 
 
 def test_predictions_are_deterministic(
@@ -81,15 +81,15 @@ def test_predictions_are_deterministic(
 ) -> None:
     evaluator = trained[0]
     images = mnist5k.test_images[:300]
-    first = evaluator.predict_probs(images, batch_size=64)
+    first = evaluator.predict(images, batch_size=64)[0]
     assert first.shape == (300, 10) and first.device.type == "cpu"
     assert torch.allclose(first.sum(dim=1), torch.ones(300))
-    assert torch.allclose(evaluator.predict_probs(images), first, atol=1e-6)
-    flat = evaluator.predict_probs(images.reshape(300, -1))  # MLP generators emit flat vectors
+    assert torch.allclose(evaluator.predict(images)[0], first, atol=1e-6)
+    flat = evaluator.predict(images.reshape(300, -1))[0]  # MLP generators emit flat vectors
     assert torch.allclose(flat, first, atol=1e-6)
-    assert evaluator.predict_probs(torch.rand(4, 1, 32, 32)).shape == (4, 10)  # adaptive pooling
+    assert evaluator.predict(torch.rand(4, 1, 32, 32))[0].shape == (4, 10)  # adaptive pooling
     with pytest.raises(ValueError):
-        evaluator.predict_probs(torch.zeros(2, 3, 28, 28))
+        evaluator.predict(torch.zeros(2, 3, 28, 28))[0]
 
 
 def test_training_is_deterministic(tiny: Dataset, tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_state_round_trip(trained: tuple[Evaluator, float, list[str]], mnist5k: 
     buffer.seek(0)
     restored = Evaluator.from_state(torch.load(buffer, weights_only=True))
     images = mnist5k.test_images[:200]
-    assert torch.equal(restored.predict_probs(images), evaluator.predict_probs(images))
+    assert torch.equal(restored.predict(images)[0], evaluator.predict(images)[0])
     assert restored.key == evaluator.key and restored.num_classes == 10
     assert restored.reference.class_histogram == evaluator.reference.class_histogram
     assert torch.equal(restored.reference.labels, evaluator.reference.labels)

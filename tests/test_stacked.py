@@ -86,8 +86,8 @@ def test_channel_evaluator_state_round_trip(
 ) -> None:
     restored = Evaluator.from_state(channel_evaluator.state())
     images = small_stacked.test_images[:100]
-    assert torch.equal(restored.predict_probs(images), channel_evaluator.predict_probs(images))
-    assert restored.predict_probs(images).shape == (100, 3, 10)
+    assert torch.equal(restored.predict(images)[0], channel_evaluator.predict(images)[0])
+    assert restored.predict(images)[0].shape == (100, 3, 10)
     assert restored.measure(images).scalars() == channel_evaluator.measure(images).scalars()
 
 

@@ -231,11 +231,6 @@ class Evaluator:
             self.net, images, self.has_attributes, batch_size, bool(self.channel_classes)
         )
 
-    def predict_probs(self, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Class (or attribute) probabilities [N, outputs] on the CPU for images in [0, 1] on any
-        device."""
-        return self.predict(images, batch_size)[0]
-
     def measure(self, images: torch.Tensor) -> Measurement:
         """Mode statistics, histogram and per-image values; with the reference features, the
         Frechet distance and (from DENSITY_COVERAGE_K + 2 images on) precision, recall, density

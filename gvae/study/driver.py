@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.error import TuneError
 from sqlalchemy.engine import make_url
 
-from gvae.data import load_dataset
+from gvae.data import Dataset, load_dataset
 from gvae.errors import GvaeError
 from gvae.evaluation import load_or_train_evaluator
 from gvae.io import atomic_local_filesystem, check_reachable, join
@@ -124,12 +124,14 @@ def _run_leased(
     spec = replace(spec, fixed={**spec.fixed, "data_root": str(data_root)})
     _leave_job_working_dir()
     compat.quiet_tune_output(verbose)
-    # The data and evaluators load while Ray starts (each takes seconds); Ray starts on this
-    # thread, where it installs its signal handlers.
-    with ThreadPoolExecutor(1, thread_name_prefix="gvae-data") as pool:
-        loading = pool.submit(_load_data, spec, data_root, log)
+    # Missing data is bad input, told before Ray starts; the evaluators (trained here the first
+    # time) load while Ray starts on this thread, where it installs its signal handlers.
+    datasets = {name: load_dataset(name, data_root) for name in spec.datasets}
+    with ThreadPoolExecutor(1, thread_name_prefix="gvae-evaluators") as pool:
+        loading = pool.submit(_evaluator_states, datasets, log)
         ray_start.wait(log)
-        image_sizes, evaluator_states = loading.result()
+        evaluator_states = loading.result()
+    image_sizes = {name: math.prod(data.image_shape) for name, data in datasets.items()}
     check_resources(spec, resource_wait if ray_start.address else 0.0, log)
     resumed = _has_saved_state(store)
     if resumed:
@@ -138,8 +140,8 @@ def _run_leased(
         note_other_versions(store, log)
     else:
         write_spec(store, raw_spec)
-    tables = Tables.of(spec, store.uri, provenance())
-    tables = StudyTables(tables, spec.tune_trial_count, resumed)
+    layout = Tables.of(spec, store.uri, provenance())
+    tables = StudyTables(layout, spec.tune_trial_count, resumed)
     tables.prepare()
     with _optuna_journal(spec, store, log) as journal:
         experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
@@ -150,14 +152,12 @@ def _run_leased(
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
 
 
-def _load_data(
-    spec: StudySpec, data_root: Path, log: Callable[[str], None]
-) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
-    """Each dataset's image size, and its evaluator's state, trained here once if it is not
-    cached (trials only load it)."""
-    datasets = {name: load_dataset(name, data_root) for name in spec.datasets}
-    states = {name: load_or_train_evaluator(d, log=log).state() for name, d in datasets.items()}
-    return {name: math.prod(data.image_shape) for name, data in datasets.items()}, states
+def _evaluator_states(
+    datasets: dict[str, Dataset], log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Each dataset's evaluator's state, trained here once if it is not cached (trials only
+    load it)."""
+    return {name: load_or_train_evaluator(d, log=log).state() for name, d in datasets.items()}
 
 
 def _has_saved_state(store: ResultsStore) -> bool:
