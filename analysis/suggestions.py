@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from analysis import tables
+from gvae.study.folder import JOURNAL, journal_storage
 from gvae.study.results import ResultsStore
 
 SUGGESTION = "suggestion"
@@ -155,9 +156,6 @@ def ideal_corner_choice(front: pd.DataFrame, reference: pd.DataFrame, objectives
     return int(np.argmin(np.where(np.isnan(distance), math.inf, distance)))
 
 
-JOURNAL = "optuna.journal"  # gvae.study.search.JOURNAL: that module pulls in Ray (seconds)
-
-
 def optuna_study(
     store: ResultsStore, name: str, database: str | None = None
 ) -> optuna.Study | None:
@@ -171,5 +169,5 @@ def optuna_study(
     if not store.local:  # a copy on this disk, which Optuna reads as the study is used
         local = f"{tempfile.mkdtemp(prefix='gvae-optuna-')}/{JOURNAL}"
         pafs.copy_files(store.path(JOURNAL), local, source_filesystem=store.fs)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(local))
+    storage = journal_storage(local)
     return optuna.load_study(study_name=name, storage=storage)

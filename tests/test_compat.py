@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch as RayOptunaSearch
 
 from gvae.io import AtomicLocalHandler, RetryingS3FileSystem, resolve
 from gvae.study import compat
+from gvae.study.folder import journal_storage
 
 
 def test_the_plain_output_engine_is_chosen_by_tunes_environment_variable(monkeypatch):
@@ -94,7 +95,7 @@ def test_a_restored_optuna_search_writes_the_journal_where_the_study_is_now(tmp_
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_complete("t0", {"m": 0.5})
     restored.suggest("t1")
-    study = optuna.load_study(study_name="s", storage=compat.journal_storage(str(new / "j")))
+    study = optuna.load_study(study_name="s", storage=journal_storage(str(new / "j")))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
     assert not old.exists()
 
@@ -139,7 +140,7 @@ def test_a_journal_kept_on_the_drivers_disk_reaches_its_mirror_with_each_saved_s
     assert not mirror.exists()  # written only with a saved state
     search.save_to_dir(str(tmp_path), session_str="x")
     search.suggest("t1")
-    study = optuna.load_study(study_name="s", storage=compat.journal_storage(str(mirror)))
+    study = optuna.load_study(study_name="s", storage=journal_storage(str(mirror)))
     assert [t.state.name for t in study.trials] == ["RUNNING"]  # as of the saved state
 
 
@@ -189,7 +190,7 @@ def test_a_searcher_restored_from_a_save_older_than_its_trials_hears_how_they_en
     catch_up.on_step_begin(iteration=1, trials=[ended])  # once, at the first step
     restored.on_trial_complete("t0", {"m": 0.9})  # told already: ignored
     assert restored.suggest("t1") is not None
-    study = optuna.load_study(study_name="s", storage=compat.journal_storage(journal))
+    study = optuna.load_study(study_name="s", storage=journal_storage(journal))
     assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.5), ("RUNNING", None)]
 
 
@@ -259,6 +260,7 @@ def test_pyarrow_pickles_an_s3_filesystem_without_its_retry_strategy_and_gvaes_k
 STRANDED = """
 import subprocess, sys, time, psutil
 from gvae.study import compat
+from gvae.study.folder import journal_storage
 compat.STRANDED_SECONDS = 1.0
 daemon = subprocess.Popen(["sleep", "60"])
 daemons = [psutil.Process(daemon.pid)]

@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from gvae.study.compat import journal_storage
+from gvae.study.folder import journal_storage
 from tests.raycluster import LocalRayCluster
 from tests.test_study import write_study
 

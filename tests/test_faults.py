@@ -28,9 +28,8 @@ import pytest
 import torch
 
 from gvae.io import StorageFull, atomic_local_filesystem, write_parquet
-from gvae.study.compat import journal_storage
+from gvae.study.folder import JOURNAL, journal_storage
 from gvae.study.lease import StudyLease
-from gvae.study.search import JOURNAL
 from gvae.study.trainable import permanent_failure
 from tests.raycluster import LocalRayCluster
 from tests.test_study import tables, write_study

@@ -13,7 +13,8 @@ from ray import tune
 
 from analysis import suggestions
 from analysis.reproduce import choose_suggestion
-from gvae.study.compat import OptunaSearch, journal_storage
+from gvae.study.compat import OptunaSearch
+from gvae.study.folder import journal_storage
 from gvae.study.replicates import SUGGESTION, SeedReplicates
 from gvae.study.spec import Objective, Range
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from gvae.config import TrialConfig
-from gvae.study.compat import journal_storage
+from gvae.study.folder import journal_storage
 from gvae.trainer import run_trial
 from tests.raycluster import LocalRayCluster
 

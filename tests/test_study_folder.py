@@ -151,3 +151,26 @@ def test_a_damaged_lease_is_rewritten_by_its_live_driver_and_keeps_a_second_off(
     finally:
         first.release()
     assert not Path(first.location).exists()
+
+
+def test_a_damaged_optuna_journal_is_one_line_naming_it(store):
+    import optuna
+
+    from analysis.suggestions import optuna_study
+
+    path = store.path(folder.JOURNAL)
+    study = optuna.create_study(study_name="t", storage=folder.journal_storage(path))
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    assert [t.value for t in optuna_study(store, "t").trials] == [1.0, 2.0]
+    lines = Path(path).read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"  # a line cut short in the middle of the journal
+    Path(path).write_text("".join(lines))
+    expected = (
+        f"study: the Optuna journal {path} is damaged and cannot be read; restore it from a "
+        "copy, or start the study afresh under another name"
+    )
+    for read in (lambda: folder.journal_storage(path), lambda: optuna_study(store, "t")):
+        with pytest.raises(GvaeError) as refused:
+            read()
+        assert str(refused.value) == expected

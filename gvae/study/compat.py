@@ -32,14 +32,13 @@ from typing import Any
 import optuna
 import psutil
 import pyarrow.fs as pafs
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from ray.tune import Callback
 from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
 
 from gvae.study import reaper
+from gvae.study.folder import journal_storage
 
 
 @contextlib.contextmanager
@@ -341,11 +340,6 @@ def readable_experiment_state(filesystem: pafs.FileSystem, path: str) -> bool:
     except ValueError:  # cut short, or not JSON at all
         return False
     return isinstance(state, dict) and {"trial_data", "runner_data"} <= set(state)
-
-
-def journal_storage(path: str) -> JournalStorage:
-    """An Optuna journal file: what `optuna.load_study` and `optuna-dashboard` open."""
-    return JournalStorage(JournalFileBackend(path))
 
 
 # A study folder that moved (copied to another disk, synced down from S3) resumes with

@@ -30,7 +30,13 @@ from gvae.io import atomic_local_filesystem, check_reachable, join
 from gvae.provenance import provenance
 from gvae.study import compat
 from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
-from gvae.study.folder import check_same_study, load_saved_spec, note_other_versions, write_spec
+from gvae.study.folder import (
+    JOURNAL,
+    check_same_study,
+    load_saved_spec,
+    note_other_versions,
+    write_spec,
+)
 from gvae.study.lease import StudyLease
 from gvae.study.outcome import ENDED
 from gvae.study.packs import SEEDS
@@ -38,7 +44,7 @@ from gvae.study.progress import ConsoleProgress
 from gvae.study.ray_start import RayStart
 from gvae.study.resources import RESOURCE_WAIT_SECONDS, check_devices, check_resources
 from gvae.study.results import TRIALS, ResultsStore, study_uri
-from gvae.study.search import JOURNAL, Journal, scheduler, tune_search
+from gvae.study.search import Journal, scheduler, tune_search
 from gvae.study.spec import StudySpec
 from gvae.study.tables import StudyTables, Tables
 from gvae.study.tracking import tracker_callbacks

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import yaml
@@ -18,11 +18,15 @@ from gvae.provenance import PACKAGES, installed_version
 from gvae.study.results import ResultsStore, study_uri
 from gvae.study.spec import StudySpec, parse_study, read_yaml
 
+if TYPE_CHECKING:
+    import optuna
+
 SPEC_FILE = "study.yaml"
 # What a study folder holds and how, besides Tune's own experiment folder: the tables' layout,
 # which rows a trial writes. A folder of another format is refused, not converted.
 FORMAT_FILE = "format.json"
 FORMAT = 2
+JOURNAL = "optuna.journal"  # an Optuna search's study (not on an RDB), which optuna-dashboard opens
 
 
 def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]:
@@ -64,6 +68,21 @@ def write_spec(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
     versions = {name: installed_version(name) for name in PACKAGES}
     write_json(store.location(FORMAT_FILE), {"format": FORMAT, "versions": versions})
     write_bytes(store.location(SPEC_FILE), yaml.safe_dump(raw_spec, sort_keys=False).encode())
+
+
+def journal_storage(path: str) -> optuna.storages.JournalStorage:
+    """An Optuna journal file: what `optuna.load_study` and `optuna-dashboard` open. One that
+    cannot be read (a line damaged in its middle) is one line naming it."""
+    from optuna.storages import JournalStorage  # not for the commands that read no journal
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        return JournalStorage(JournalFileBackend(path))
+    except ValueError:  # json.JSONDecodeError, or Optuna's "Invalid log format."
+        raise GvaeError(
+            f"study: the Optuna journal {path} is damaged and cannot be read; restore it from a "
+            "copy, or start the study afresh under another name"
+        ) from None
 
 
 def note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None:

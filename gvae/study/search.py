@@ -19,8 +19,6 @@ from gvae.study.replicates import SeedReplicates
 from gvae.study.spec import Range, StudySpec
 from gvae.study.tables import SUGGESTION
 
-JOURNAL = "optuna.journal"  # an Optuna study's journal, in the study folder
-
 
 @dataclass(frozen=True)
 class Journal:
