@@ -13,6 +13,7 @@ import io
 import json
 import os
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -116,6 +117,16 @@ def _write_atomic(location: str | Path, data: bytes) -> None:
         if isinstance(error, OSError) and is_full(error):
             raise StorageFull(str(location)) from error
         raise
+
+
+def readable_checkpoint(directory: str | Path) -> bool:
+    """Whether a checkpoint folder's checkpoint.pt (a zip archive, as torch.save writes it) is
+    whole: one cut short by a crash or a bad copy fails in torch.load with a long traceback."""
+    try:
+        with zipfile.ZipFile(Path(directory) / CHECKPOINT_FILE) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def probe_writable(folder: str | Path) -> None:

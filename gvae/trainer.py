@@ -31,7 +31,7 @@ from gvae.data import (
 from gvae.divergence import Diverged, DivergenceWatch
 from gvae.errors import GvaeError
 from gvae.evaluation import Evaluator, load_or_train_evaluator
-from gvae.io import CHECKPOINT_FILE
+from gvae.io import CHECKPOINT_FILE, readable_checkpoint
 from gvae.models import MODELS, GenerativeModel
 from gvae.models.base import build_pack
 
@@ -363,6 +363,11 @@ def _load_checkpoint(
     device: torch.device,
     configs: list[TrialConfig],
 ) -> _Progress:
+    if not readable_checkpoint(directory):
+        raise GvaeError(
+            f"checkpoint {directory / CHECKPOINT_FILE}: damaged, it cannot be read; restore it "
+            "from a copy, or start this trial afresh"
+        )
     state = torch.load(directory / CHECKPOINT_FILE, map_location=device, weights_only=True)
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     missing += [f"rng.{key}" for key in RNG_KEYS if key not in state.get("rng", {})]

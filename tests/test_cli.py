@@ -53,6 +53,22 @@ def test_resume_continues_a_run_to_more_iterations(tmp_path):
         assert curve[column].tolist() == expected[column].tolist()
 
 
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_leaves_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vae", *TINY, "--out", str(out)]) == 0
+    checkpoint = out / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short by a crash or a copy
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    longer = [*TINY[:1], "40", *TINY[2:]]
+    assert main(["train", "--model", "vae", *longer, "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"gvae: error: --resume: {checkpoint} is damaged and cannot be read; restore it from a "
+        "copy, or drop --resume and pass a new --out\n"
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 BAD = [
     (["--model", "gann"], "model"),
     (["--dataset", "cifar10"], "dataset"),

@@ -110,6 +110,16 @@ def test_a_checkpoint_in_an_older_format_is_refused_with_the_fix(make_older, mis
     assert f"no {missing} " in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path):
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(GvaeError) as error:
+        run_trial(tiny("gan"), resume_from=tmp_path, log=quiet)
+    assert str(error.value) == (
+        f"checkpoint {tmp_path / CHECKPOINT_FILE}: damaged, it cannot be read; restore it from a "
+        "copy, or start this trial afresh"
+    )
+
+
 def test_divergence_stops_the_trial_with_its_iteration():
     with pytest.raises(Diverged) as error:
         run_trial(tiny("vae", lr=1e12), log=quiet)

@@ -12,7 +12,7 @@ from typing import Any
 
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
-from gvae.io import CHECKPOINT_FILE, write_json, write_parquet
+from gvae.io import CHECKPOINT_FILE, readable_checkpoint, write_json, write_parquet
 
 FIELD_HELP = {
     "model": "gan | wgan | vae | vaegan | cvaegan",
@@ -104,6 +104,11 @@ def _check_out(out: Path, resume: bool) -> Path | None:
     if resume:
         if not has_checkpoint:
             raise GvaeError(f"--resume: no {CHECKPOINT_FILE} in {out}; drop --resume to start anew")
+        if not readable_checkpoint(out):
+            raise GvaeError(
+                f"--resume: {out / CHECKPOINT_FILE} is damaged and cannot be read; restore it "
+                "from a copy, or drop --resume and pass a new --out"
+            )
         return out
     if out.exists() and any(out.iterdir()):
         raise GvaeError(f"--out: {out} is not empty; pass --resume to continue it or a new folder")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from gvae.config import TrialConfig
 from gvae.divergence import Diverged
 from gvae.errors import GvaeError
 from gvae.evaluation import Evaluator
-from gvae.io import CHECKPOINT_FILE
+from gvae.io import readable_checkpoint
 from gvae.study.outcome import (
     DIVERGED_MEMBERS_KEY,
     NOTICE_KEY,
@@ -250,10 +249,9 @@ def _readable(directory: Path) -> bool:
     the same way, so the trial starts over instead."""
     try:
         json.loads((directory / RECORD_FILE).read_text())
-        with zipfile.ZipFile(directory / CHECKPOINT_FILE) as archive:
-            return archive.testzip() is None
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except (OSError, ValueError):
         return False
+    return readable_checkpoint(directory)
 
 
 def _context(device: torch.device, evaluator: Evaluator) -> dict[str, Any]:
