@@ -24,7 +24,7 @@ from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.io import write_parquet
 from gvae.provenance import git_commit
-from gvae.study.results import REPRODUCTIONS
+from gvae.study.results import REPRODUCTIONS, UnreadableTable
 
 # Scalars compared besides the final losses; evaluator_accuracy first: when the classifier itself
 # differs (another cache, another machine) no metric can be expected to match.
@@ -297,7 +297,19 @@ def record(study: Study, reproduction: Reproduction) -> str:
     for metric, before, after, _ in reproduction.comparison.itertuples(index=False):
         row[f"recorded_{metric}"] = before
         row[f"reproduced_{metric}"] = after
-    rows = [*study.store.read_rows(REPRODUCTIONS), row]
+    rows = [*earlier_reproductions(study), row]
     location = study.store.location(REPRODUCTIONS)
     write_parquet(location, rows)
     return location
+
+
+def earlier_reproductions(study: Study) -> list[dict[str, Any]]:
+    """The re-runs recorded so far; a damaged table of them is told before any re-run trains
+    (the trials' checkpoints, which rebuild the study's own tables, do not hold them)."""
+    try:
+        return study.store.read_rows(REPRODUCTIONS)
+    except UnreadableTable as error:
+        raise GvaeError(
+            f"storage: {error.path} cannot be read as Parquet (it records the earlier re-runs); "
+            "move it aside and run again, which begins a new one"
+        ) from None

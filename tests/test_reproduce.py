@@ -129,3 +129,17 @@ def test_a_different_result_on_the_same_device_fails(storage, tmp_path, capsys):
     assert row["reproduced_final_mode_entropy"] == pytest.approx(
         row["recorded_final_mode_entropy"] - 0.5
     )
+
+
+def test_a_damaged_record_of_re_runs_stops_before_any_re_run_trains(storage, tmp_path, capsys):
+    shutil.copytree(storage / "diverging", tmp_path / "diverging")
+    record = tmp_path / "diverging" / "reproductions.parquet"
+    record.write_bytes(b"PAR1 cut short")
+    code = main(["reproduce", "diverging", "--storage", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 2 and "re-running trial" not in captured.out
+    assert captured.err == (
+        f"gvae: error: storage: {record} cannot be read as Parquet (it records the earlier "
+        "re-runs); move it aside and run again, which begins a new one\n"
+    )
+    assert record.read_bytes() == b"PAR1 cut short"

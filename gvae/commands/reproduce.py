@@ -37,8 +37,10 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analysis import load_study
+    from analysis.reproduce import earlier_reproductions
 
     study = load_study(args.name, args.storage)
+    earlier_reproductions(study)  # a damaged record of re-runs stops them before they train
     worst = 0
     for trial_id, reason in _chosen_trials(study, args):
         worst = max(worst, _reproduce_one(study, trial_id, reason, args.device))
