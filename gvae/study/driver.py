@@ -96,7 +96,8 @@ def run_study(
     with storage_errors(uri, resume):
         check_reachable(uri)
         check_same_study(store, raw_spec)
-        _has_saved_state(store)  # a damaged one is refused before Ray starts
+        _has_saved_state(store)  # a damaged one is refused before Ray starts (and read
+        # again once leased: a driver taken over with --force may save a newer one meanwhile)
         lease.acquire(force=force)
     try:
         with storage_errors(uri, resume):
