@@ -1,6 +1,7 @@
 """A study folder's own files, besides its tables and Tune's experiment folder `tune/`:
-`study.yaml`, the spec that ran, and `format.json`, the folder's format and the versions the
-study began under. Imports neither torch nor Ray: `gvae study status` and `gvae report` read them.
+`study.yaml`, the spec that ran; `format.json`, the folder's format and the versions the study
+began under; `optuna.journal`, an Optuna search's study. Imports neither torch nor Ray:
+`gvae study status` and `gvae report` read them.
 """
 
 from __future__ import annotations
