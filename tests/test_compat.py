@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 import pyarrow.fs as pafs
+import pytest
 from ray import tune
 from ray.tune import Experiment
 from ray.tune.search import ConcurrencyLimiter
@@ -260,7 +261,6 @@ def test_pyarrow_pickles_an_s3_filesystem_without_its_retry_strategy_and_gvaes_k
 STRANDED = """
 import subprocess, sys, time, psutil
 from gvae.study import compat
-from gvae.study.folder import journal_storage
 compat.STRANDED_SECONDS = 1.0
 daemon = subprocess.Popen(["sleep", "60"])
 daemons = [psutil.Process(daemon.pid)]
@@ -285,3 +285,30 @@ def test_a_driver_whose_local_ray_stopped_with_it_exits_130_and_one_that_stopped
     assert stranded.stdout == "summary\n"  # flushed before the exit
     stopped = run("stopped-on-purpose")
     assert (stopped.returncode, stopped.stderr, stopped.stdout) == (0, "", "summary\n")
+
+
+SIGTERM_PROBE = """
+import os, signal, sys
+from gvae.study import compat
+if sys.argv[1] == "ignored":  # as for a job a script starts in the background
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:  # a handler of its own, as Tune's run installs
+    signal.signal(signal.SIGINT, lambda *_: print("sigint handler"))
+try:
+    with compat.sigterm_interrupts(lambda: print("on_sigterm")):
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("went on")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize(
+    "sigint, expected",
+    [("ignored", "on_sigterm interrupted"), ("handled", "on_sigterm sigint handler went on")],
+)
+def test_sigterm_runs_what_ctrl_c_would_even_where_sigint_is_ignored(sigint, expected):
+    command = [sys.executable, "-c", SIGTERM_PROBE, sigint]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert " ".join(done.stdout.split("\n")).strip() == expected

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gvae.errors import GvaeError
 from gvae.io import probe_writable
-from gvae.study.folder import load_saved_spec
+from gvae.study.folder import SPEC_FILE, load_saved_spec
 from gvae.study.results import TRIALS, ResultsStore, study_uri
 from gvae.study.spec import load_study, read_study_file, with_mlflow
 
@@ -182,6 +182,11 @@ def _run_and_summarise(
 
 
 def _interrupted_line(spec: Any, store: ResultsStore, resume: str) -> str:
+    if not store.exists(SPEC_FILE):  # stopped before the study began: nothing to resume
+        return (
+            f"gvae: interrupted before study {spec.name} began; nothing was recorded, and "
+            "`gvae study run FILE` starts it"
+        )
     trials = store.read(TRIALS, ["status"])
     statuses = trials["status"].value_counts().to_dict() if not trials.empty else {}
     ended = {s: n for s, n in statuses.items() if s not in ("running", "pending")}

@@ -48,16 +48,21 @@ def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterato
 
     `ray.init` (on the main thread, where a driver runs it) installs Ray's own SIGTERM
     handler, which exits the process at once (`sys.exit`) and so skips Tune's last save: the
-    driver enters this again around `tune.run`, after Ray started, and the previous handler is
+    driver enters this again as soon as Ray has started, and the previous handler is
     put back when it leaves.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(*_: Any) -> None:
+    def interrupt(_: int, frame: Any) -> None:
         on_sigterm()
-        signal.raise_signal(signal.SIGINT)
+        # What Ctrl-C runs: Tune's handler during its run, else Python's (KeyboardInterrupt),
+        # also where SIGINT is ignored (a job a script started in the background).
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            handler = signal.default_int_handler
+        handler(signal.SIGINT, frame)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

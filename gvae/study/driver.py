@@ -134,26 +134,29 @@ def _run_leased(
     # Missing data is bad input, told before Ray starts; the evaluators (trained here the first
     # time) load while Ray starts on this thread, where it installs its signal handlers.
     datasets = {name: load_dataset(name, data_root) for name in spec.datasets}
-    with ThreadPoolExecutor(1, thread_name_prefix="gvae-evaluators") as pool:
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="gvae-evaluators"))
         loading = pool.submit(_evaluator_states, datasets, log)
         ray_start.wait(log)
+        # From here on, as soon as Ray has replaced it, SIGTERM stops the study as Ctrl-C does.
+        stack.enter_context(compat.sigterm_interrupts(on_sigterm))
         evaluator_states = loading.result()
-    image_sizes = {name: math.prod(data.image_shape) for name, data in datasets.items()}
-    check_resources(spec, resource_wait if ray_start.address else 0.0, log)
-    resumed = _has_saved_state(store)
-    if resumed:
-        where = store.location(EXPERIMENT)
-        log(f"resuming study {spec.name} from {where}: finished trials are kept")
-        note_other_versions(store, log)
-    else:
-        write_spec(store, raw_spec)
-    layout = Tables.of(spec, store.uri, provenance())
-    tables = StudyTables(layout, spec.tune_trial_count, resumed)
-    tables.prepare()
-    with _optuna_journal(spec, store, log) as journal:
-        experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
-        search = tune_search(spec, image_sizes, journal, experiments)
-        _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log, on_sigterm)
+        image_sizes = {name: math.prod(data.image_shape) for name, data in datasets.items()}
+        check_resources(spec, resource_wait if ray_start.address else 0.0, log)
+        resumed = _has_saved_state(store)
+        if resumed:
+            where = store.location(EXPERIMENT)
+            log(f"resuming study {spec.name} from {where}: finished trials are kept")
+            note_other_versions(store, log)
+        else:
+            write_spec(store, raw_spec)
+        layout = Tables.of(spec, store.uri, provenance())
+        tables = StudyTables(layout, spec.tune_trial_count, resumed)
+        tables.prepare()
+        with _optuna_journal(spec, store, log) as journal:
+            experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
+            search = tune_search(spec, image_sizes, journal, experiments)
+            _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
@@ -200,7 +203,6 @@ def _fit(
     resumed: bool,
     verbose: bool,
     log: Callable[[str], None],
-    on_sigterm: Callable[[], None],
 ) -> None:
     """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
     this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
@@ -215,22 +217,21 @@ def _fit(
         callbacks.insert(1, compat.FallBackToNewestCheckpoint(log, CHECKPOINTS_KEPT))
         callbacks.append(compat.CatchUpSearcher(search["search_alg"]))
     try:
-        with compat.sigterm_interrupts(on_sigterm):
-            tune.run(
-                trainable,
-                name=EXPERIMENT,
-                storage_path=store.root,
-                storage_filesystem=_tune_filesystem(store),
-                resume=True if resumed else None,
-                callbacks=callbacks if verbose else [*callbacks, _progress(spec)],
-                max_failures=spec.max_failures,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                verbose=1 if verbose else 0,
-                reuse_actors=True,  # no new worker process (and torch import) per trial
-                raise_on_failed_trial=False,  # failures are in the tables and the exit status
-                scheduler=scheduler(spec),
-                **search,
-            )
+        tune.run(
+            trainable,
+            name=EXPERIMENT,
+            storage_path=store.root,
+            storage_filesystem=_tune_filesystem(store),
+            resume=True if resumed else None,
+            callbacks=callbacks if verbose else [*callbacks, _progress(spec)],
+            max_failures=spec.max_failures,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            verbose=1 if verbose else 0,
+            reuse_actors=True,  # no new worker process (and torch import) per trial
+            raise_on_failed_trial=False,  # failures are in the tables and the exit status
+            scheduler=scheduler(spec),
+            **search,
+        )
     except TuneError as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, GvaeError | OSError):
