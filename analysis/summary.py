@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
+
 from gvae.study.results import CURVES, TRIALS, ResultsStore
 from gvae.study.spec import StudySpec
 
@@ -13,9 +15,15 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def summary_lines(store: ResultsStore, spec: StudySpec) -> list[str]:
-    """A short end-of-study summary: counts by status, the best trials, the failures."""
-    trials = store.read(TRIALS, SUMMARY_COLUMNS)  # not the per-image arrays: 80 KB a trial
+def summary_trials(store: ResultsStore) -> pd.DataFrame:
+    """The columns of the trials table the summary shows (not the per-image arrays: 80 KB a
+    trial)."""
+    return store.read(TRIALS, SUMMARY_COLUMNS)
+
+
+def summary_lines(trials: pd.DataFrame, store: ResultsStore, spec: StudySpec) -> list[str]:
+    """A short end-of-study summary of `summary_trials`: counts by status, the best trials,
+    the failures."""
     if trials.empty:
         return ["no trials recorded yet"]
     counts = trials["status"].value_counts().to_dict()

@@ -253,20 +253,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"study benchmark | {platform.node()} | {cpus} logical CPUs | load {load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gvae-study-bench-") as folder:
         study = args.study or tiny_study(Path(folder), args)
-        if args.study or args.skip_plain:
-            timed_gvae(study, Path(folder), cpus)
-            return
         spec = load_study(study)
+        if args.study or args.skip_plain:
+            timed_gvae(study, spec.name, Path(folder), cpus)
+            return
         ratios = []
         for repeat in range(args.repeats):
             # Alternate which runs first, so that neither is always the one that meets a
             # colder page cache or the other's leftover load.
             if repeat % 2 == 0:
-                wall, trials, size = timed_gvae(study, Path(folder), cpus)
+                wall, trials, size = timed_gvae(study, spec.name, Path(folder), cpus)
                 same_wall = timed_plain_trainer(spec, args.model, Path(folder), cpus)
             else:
                 same_wall = timed_plain_trainer(spec, args.model, Path(folder), cpus)
-                wall, trials, size = timed_gvae(study, Path(folder), cpus)
+                wall, trials, size = timed_gvae(study, spec.name, Path(folder), cpus)
             ratios.append(wall / same_wall)
             print(f"gvae wall / plain Tune with gvae's trainer wall {ratios[-1]:.2f}", flush=True)
         if args.repeats > 1:
@@ -292,11 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
-def timed_gvae(study: Path, folder: Path, cpus: int) -> tuple[float, pd.DataFrame, int]:
-    """Run the study with gvae from a synced disk; its wall time, its trials' times (started_at:
-    when Tune started the trial; wall_seconds: the trial's own time) and checkpoint size. Its
-    folder is removed after."""
-    name = load_study(study).name
+def timed_gvae(study: Path, name: str, folder: Path, cpus: int) -> tuple[float, pd.DataFrame, int]:
+    """Run the study file (named `name`) with gvae from a synced disk; its wall time, its trials'
+    times (started_at: when Tune started the trial; wall_seconds: the trial's own time) and
+    checkpoint size. Its folder is removed after."""
     settle()
     start, wall, lines = run_gvae(study, folder / "results")
     table = pd.read_parquet(folder / "results" / name / "trials.parquet")

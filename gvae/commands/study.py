@@ -153,7 +153,7 @@ def _check_storage(storage: str, name: str, key: str) -> None:
 def _run_and_summarise(
     spec: Any, raw: dict[str, Any], args: argparse.Namespace, ray_start: RayStart
 ) -> int:
-    from analysis.summary import summary_lines
+    from analysis.summary import summary_lines, summary_trials
     from gvae.study.driver import resume_command, run_study  # torch: slow import
 
     wait = {} if args.resource_wait is None else {"resource_wait": args.resource_wait}
@@ -174,7 +174,7 @@ def _run_and_summarise(
     except KeyboardInterrupt:  # a second Ctrl-C, which skips Tune's last snapshot
         print(_interrupted_line(spec, store, resume), file=sys.stderr)
         return 130
-    print("\n".join(summary_lines(store, spec)))
+    print("\n".join(summary_lines(summary_trials(store), store, spec)))
     if run.interrupted:
         print(_interrupted_line(spec, store, resume), file=sys.stderr)
         return 130
@@ -209,11 +209,12 @@ def _repair(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from analysis.summary import summary_lines
+    from analysis.summary import summary_lines, summary_trials
 
     spec, _ = load_saved_spec(args.storage, args.name)
     store = ResultsStore(study_uri(args.storage, args.name))
-    if store.read(TRIALS, ["status"]).empty:
+    trials = summary_trials(store)
+    if trials.empty:
         raise GvaeError(f"name: study {args.name!r} has no recorded trials yet")
-    print("\n".join(summary_lines(store, spec)))
+    print("\n".join(summary_lines(trials, store, spec)))
     return 0

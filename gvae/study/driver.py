@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import os
+import posixpath
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from gvae.provenance import provenance
 from gvae.study import compat
 from gvae.study.faults import StopWhenStorageFails, resume_command, storage_errors
 from gvae.study.folder import (
+    EXPERIMENT,
     JOURNAL,
     check_same_study,
     load_saved_spec,
@@ -50,7 +52,6 @@ from gvae.study.tables import StudyTables, Tables
 from gvae.study.tracking import tracker_callbacks
 from gvae.study.trainable import train_trial
 
-EXPERIMENT = "tune"
 # Tune keeps two checkpoints per trial: with one, each evaluation of each trial forces a snapshot
 # of Tune's whole experiment state, which grows with the study (quadratic driver time).
 CHECKPOINTS_KEPT = 2
@@ -176,10 +177,10 @@ def _has_saved_state(store: ResultsStore) -> bool:
     states = compat.experiment_states(store.fs, store.path(EXPERIMENT))
     if not states or compat.readable_experiment_state(store.fs, states[-1]):
         return bool(states)
-    newest = join(store.uri, EXPERIMENT, states[-1].rsplit("/", 1)[1])
+    newest = join(store.uri, EXPERIMENT, posixpath.basename(states[-1]))
     fix = "restore it from a copy of the study folder"
     if len(states) > 1:
-        earlier = states[-2].rsplit("/", 1)[1]
+        earlier = posixpath.basename(states[-2])
         fix = f"remove it to resume from an earlier run's state, {earlier} (trials begun since "
         fix += "then run again)"
     raise GvaeError(

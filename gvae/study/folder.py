@@ -10,11 +10,10 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs as pafs
 import yaml
 
 from gvae.errors import GvaeError
-from gvae.io import check_reachable, write_bytes, write_json
+from gvae.io import check_reachable, read_bytes, write_bytes, write_json
 from gvae.provenance import PACKAGES, installed_version
 from gvae.study.results import ResultsStore, study_uri
 from gvae.study.spec import StudySpec, parse_study, read_yaml
@@ -22,6 +21,7 @@ from gvae.study.spec import StudySpec, parse_study, read_yaml
 if TYPE_CHECKING:
     import optuna
 
+EXPERIMENT = "tune"  # Tune's experiment folder (checkpoints, searcher state), which resume needs
 SPEC_FILE = "study.yaml"
 # What a study folder holds and how, besides Tune's own experiment folder: the tables' layout,
 # which rows a trial writes. A folder of another format is refused, not converted.
@@ -34,19 +34,20 @@ def load_saved_spec(storage: str, name: str) -> tuple[StudySpec, dict[str, Any]]
     """The spec the study `name` under `storage` ran with, validated and as written."""
     store = ResultsStore(study_uri(storage, name))
     check_reachable(store.uri)
-    if not _is_file(store, SPEC_FILE):
+    raw = _read_spec(store)
+    if raw is None:
         raise GvaeError(
             f"name: no study named {name!r} under {storage}; pass --storage or run "
             "`gvae study run FILE` first"
         )
-    raw = _read_spec(store)
     return parse_study(raw), raw
 
 
 def check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
     """Refuse to mix two different studies under one name, or to continue a study folder of
     another format."""
-    if not _is_file(store, SPEC_FILE):
+    saved = _read_spec(store)
+    if saved is None:  # a new study
         return
     found = _read_format(store).get("format", 1)
     if found != FORMAT:
@@ -56,7 +57,7 @@ def check_same_study(store: ResultsStore, raw_spec: dict[str, Any]) -> None:
             f"{found}, this one reads {FORMAT}); finish it with the version that wrote it, or "
             "start it afresh under another name or after removing that folder"
         )
-    if _read_spec(store) != raw_spec:
+    if saved != raw_spec:
         raise GvaeError(
             f"name: a different study named {raw_spec['name']!r} already ran in {store.uri}; "
             "rename this study or remove that folder"
@@ -96,33 +97,29 @@ def note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None
             log(f"study began under {package} {then}; continuing it under {package} {now}")
 
 
-def _is_file(store: ResultsStore, name: str) -> bool:
-    return store.kind(name) == pafs.FileType.File
-
-
 def _read_spec(store: ResultsStore) -> Any:
+    """The saved spec as written; None when the folder has none (no study began there)."""
+    data = read_bytes(store.location(SPEC_FILE))
+    if data is None:
+        return None
     try:
-        return read_yaml(_read(store, SPEC_FILE).decode())
+        return read_yaml(data.decode())
     except (UnicodeDecodeError, yaml.YAMLError):
         raise _damaged(store, SPEC_FILE, "copy the study file it ran with there") from None
 
 
 def _read_format(store: ResultsStore) -> dict[str, Any]:
-    if not _is_file(store, FORMAT_FILE):
+    data = read_bytes(store.location(FORMAT_FILE))
+    if data is None:
         return {}
     try:
-        found = json.loads(_read(store, FORMAT_FILE))
+        found = json.loads(data)
     except ValueError:
         found = None
     if not isinstance(found, dict) or not isinstance(found.get("format", 1), int):
         fix = f'write {{"format": {FORMAT}}} there if this version of gvae began the study'
         raise _damaged(store, FORMAT_FILE, fix)
     return found
-
-
-def _read(store: ResultsStore, name: str) -> bytes:
-    with store.fs.open_input_stream(store.path(name)) as stream:
-        return stream.readall()
 
 
 def _damaged(store: ResultsStore, name: str, fix: str) -> GvaeError:

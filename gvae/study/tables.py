@@ -31,6 +31,7 @@ from ray.tune.result import EXPR_ERROR_FILE, EXPR_ERROR_PICKLE_FILE
 from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.io import join
+from gvae.study.folder import EXPERIMENT
 from gvae.study.outcome import ENDED, Outcome, Status, is_finite_number, trial_error
 from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
 from gvae.study.results import (
@@ -295,11 +296,12 @@ class StudyTables(Callback):
         if self.resumed and ended and not known & set(self.stored):
             # Tune could not restore its saved state (a damaged searcher state, say) and began
             # the study over: dropping the rows it does not know would drop every result.
+            experiment = join(self.tables.uri, EXPERIMENT)
             raise GvaeError(
                 f"study: Tune could not restore {self.tables.study} from its saved state in "
-                f"{join(self.tables.uri, 'tune')} (its error is above) and would start it over; "
-                f"the {ended} ended trials recorded are kept: restore that folder from a copy, or "
-                "start the study afresh under another name"
+                f"{experiment} (its error is above) and would start it over; the {ended} ended "
+                "trials recorded are kept: restore that folder from a copy, or start the study "
+                "afresh under another name"
             )
         for row_id in set(self.stored) - known:
             for name, schema in ((TRIALS, self.tables.trials), (CURVES, self.tables.curves)):
