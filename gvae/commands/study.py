@@ -171,7 +171,7 @@ def _run_and_summarise(
             ray_start=ray_start,
             **wait,
         )
-    except KeyboardInterrupt:  # a second Ctrl-C, which skips Tune's last snapshot
+    except KeyboardInterrupt:  # a second Ctrl-C, or the local Ray stopped by the same SIGTERM
         print(_interrupted_line(spec, store, resume), file=sys.stderr)
         return 130
     print("\n".join(summary_lines(summary_trials(store), store, spec)))

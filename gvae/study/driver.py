@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 from ray import tune
+from ray.exceptions import RayError
 from ray.tune.error import TuneError
 from sqlalchemy.engine import make_url
 
@@ -157,7 +158,14 @@ def _run_leased(
         with _optuna_journal(spec, store, log) as journal:
             experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
             search = tune_search(spec, image_sizes, journal, experiments)
-            _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
+            try:
+                _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
+            except RayError:
+                # A SIGTERM to the whole group stops the local Ray too, and Tune's shutdown of
+                # its trials, after its last save, may then fail on Ray's calls: interrupted.
+                if not ray_start.terminated:
+                    raise
+                raise KeyboardInterrupt from None
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))

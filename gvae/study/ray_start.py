@@ -28,6 +28,7 @@ class RayStart:
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.started_here = False
         self.daemons: list[psutil.Process] = []
+        self.terminated = False  # a SIGTERM came while the study ran
 
     @classmethod
     def begin(cls, address: str | None = None) -> RayStart:
@@ -54,6 +55,7 @@ class RayStart:
     def exit_if_stranded(self, line: str) -> None:
         """After a SIGTERM: exit 130 with `line` when the local Ray this driver started stopped
         with it (gvae.study.compat.exit_when_ray_stopped)."""
+        self.terminated = True
         if self.daemons:
             compat.exit_when_ray_stopped(self.daemons, line)
 
