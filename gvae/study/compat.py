@@ -262,33 +262,42 @@ class FallBackToNewestCheckpoint(AtResume):
             named = trial.checkpoint
             if trial.status in ENDED_IN_TUNE or named is None:
                 continue
-            filesystem = named.filesystem
-            if filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
-                continue
-            newest = _newest_checkpoint(filesystem, posixpath.dirname(named.path))
-            if newest is None:  # every one was removed (by hand, by a storage lifecycle rule)
-                # Empty folders in place of those Tune's state keeps: Tune restores the trial
-                # from the named one, which the trainable takes for none, and deletes the older
-                # one once the trial registers a newer (a missing one would log a traceback).
-                for path in _kept_before(named.path, self.kept):
-                    filesystem.create_dir(path, recursive=True)
-                self.log(
-                    f"trial {trial.trial_id}: its checkpoint {named.path} is gone, and no other "
-                    "is left; it starts over"
-                )
-                continue
-            # One newer than the named one, Tune does not know: moved, it is not left behind
-            # beyond the checkpoints Tune keeps. An older one Tune removes itself: copied.
-            move = posixpath.basename(newest) > posixpath.basename(named.path)
-            filesystem.create_dir(named.path, recursive=True)
-            pafs.copy_files(newest, named.path, filesystem, filesystem)
-            if move:
-                filesystem.delete_dir(newest)
+            if not _exists(named.filesystem, named.path):
+                self._replace(trial.trial_id, named)
+            # Tune deletes each older checkpoint its state lists once the trial registers a newer
+            # one, and logs a traceback for one already gone (deleted before the state naming
+            # its successor was saved, or by hand): an empty folder stands in for it. The named
+            # one, when none was left, is empty too: the trainable takes it for none.
+            for path in _kept_before(named.path, self.kept):
+                if not _exists(named.filesystem, path):
+                    named.filesystem.create_dir(path, recursive=True)
+
+    def _replace(self, trial_id: str, named: Any) -> None:
+        """Put the trial's newest checkpoint where the gone `named` one was, if one is left."""
+        filesystem = named.filesystem
+        newest = _newest_checkpoint(filesystem, posixpath.dirname(named.path))
+        if newest is None:  # every one was removed (by hand, by a storage lifecycle rule)
             self.log(
-                f"trial {trial.trial_id}: its checkpoint {named.path} is gone (Tune removed it "
-                f"after saving the state the study resumes from); it resumes from its newest, "
-                f"{newest}, {'moved' if move else 'copied'} there"
+                f"trial {trial_id}: its checkpoint {named.path} is gone, and no other is left; "
+                "it starts over"
             )
+            return
+        # One newer than the named one, Tune does not know: moved, it is not left behind beyond
+        # the checkpoints Tune keeps. An older one Tune removes itself: copied.
+        move = posixpath.basename(newest) > posixpath.basename(named.path)
+        filesystem.create_dir(named.path, recursive=True)
+        pafs.copy_files(newest, named.path, filesystem, filesystem)
+        if move:
+            filesystem.delete_dir(newest)
+        self.log(
+            f"trial {trial_id}: its checkpoint {named.path} is gone (Tune removed it after "
+            f"saving the state the study resumes from); it resumes from its newest, {newest}, "
+            f"{'moved' if move else 'copied'} there"
+        )
+
+
+def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def _kept_before(named_path: str, kept: int) -> list[str]:
