@@ -250,6 +250,7 @@ class FallBackToNewestCheckpoint(AtResume):
     trial from its newest checkpoint (ray-project/ray PR 29099); the storage rewrite of Ray 2.7
     dropped that. At the first step of a resumed study, before any trial starts, the trial's
     newest checkpoint is put in the named one's place, and Tune restores it from there.
+    Each older one the state lists that is gone gets an empty folder, which Tune deletes.
     """
 
     def __init__(self, log: Callable[[str], None], kept: int) -> None:
