@@ -158,14 +158,7 @@ def _run_leased(
         with _optuna_journal(spec, store, log) as journal:
             experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
             search = tune_search(spec, image_sizes, journal, experiments)
-            try:
-                _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
-            except RayError:
-                # A SIGTERM to the whole group stops the local Ray too, and Tune's shutdown of
-                # its trials, after its last save, may then fail on Ray's calls: interrupted.
-                if not ray_start.terminated:
-                    raise
-                raise KeyboardInterrupt from None
+            _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log, ray_start)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
@@ -212,10 +205,12 @@ def _fit(
     resumed: bool,
     verbose: bool,
     log: Callable[[str], None],
+    ray_start: RayStart,
 ) -> None:
     """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
     this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
-    raising the error that stopped it as it was (Tune wraps it in TuneError)."""
+    raising the error that stopped it as it was (Tune wraps it in TuneError), and
+    KeyboardInterrupt for a Ray error after a SIGTERM."""
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_states=evaluator_states, tables=tables.tables),
         {"cpu": spec.cpus, "gpu": spec.gpus},
@@ -241,6 +236,12 @@ def _fit(
             scheduler=scheduler(spec),
             **search,
         )
+    except RayError:
+        # A SIGTERM to the whole group stops the local Ray too, and Tune's shutdown of its
+        # trials, after its last save, may then fail on Ray's calls: interrupted.
+        if not ray_start.terminated:
+            raise
+        raise KeyboardInterrupt from None
     except TuneError as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, GvaeError | OSError):
