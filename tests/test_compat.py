@@ -149,7 +149,7 @@ class WitnessHandler(AtomicLocalHandler):
     """A local filesystem that notes, at each file it writes, whether `watched` exists yet."""
 
     def __init__(self, watched: str) -> None:
-        super().__init__()
+        super().__init__(whole_in=os.path.dirname(watched))
         self.watched, self.seen = watched, []
 
     def open_output_stream(self, path: str, metadata: Any) -> Any:

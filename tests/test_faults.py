@@ -351,12 +351,14 @@ def test_failed_writes_leave_the_old_file_and_no_temporary_file(tmp_path):
         source.write_bytes(os.urandom(2 << 20))
         with pytest.raises(OSError, match="No space left on device"):  # as Tune copies files
             pafs.copy_files(
-                str(source), str(mount / "ck.pt"), destination_filesystem=atomic_local_filesystem()
+                str(source),
+                str(mount / "state.json"),
+                destination_filesystem=atomic_local_filesystem(str(mount)),
             )
         assert sorted(p.name for p in mount.iterdir()) == ["t.parquet"]
         assert pd.read_parquet(mount / "t.parquet").a.tolist() == [1]  # the old table, whole
         # Sent to a trial, the filesystem is pyarrow's own: trials copy checkpoints natively.
-        sent = pickle.loads(pickle.dumps(atomic_local_filesystem()))
+        sent = pickle.loads(pickle.dumps(atomic_local_filesystem(str(mount))))
         assert type(sent) is pafs.LocalFileSystem
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -192,8 +192,8 @@ def _has_saved_state(store: ResultsStore) -> bool:
 
 def _tune_filesystem(store: ResultsStore) -> pafs.FileSystem:
     """Tune's storage: the S3 filesystem with the URI's options (endpoint_override, ...), or on
-    local disks one that writes files whole, so a full disk cannot cut Tune's state short."""
-    return store.fs if "://" in store.uri else atomic_local_filesystem()
+    local disks one that writes Tune's saved state whole, so a full disk cannot cut it short."""
+    return store.fs if "://" in store.uri else atomic_local_filesystem(store.path(EXPERIMENT))
 
 
 def _fit(
