@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -31,11 +32,17 @@ class LocalRayCluster:
         self.port = free_port()
         self.dashboard_port = free_port()
         self.address = ""
-        # Head, workers and drivers must agree on the auth mode to join one cluster.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+        # Head, workers and drivers must agree on the auth mode and token to join one cluster.
+        # The token travels in the environment: ~/.ray/auth_token would be shared by every
+        # cluster on the machine (tests run in parallel) and outlive the tests.
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         # As with an activated virtualenv: Ray Jobs find `gvae` on the nodes' PATH.
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-        subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True)
 
     def start_head(self, num_cpus: int = 1, dashboard: bool = False) -> str:
         command = [
