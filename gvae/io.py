@@ -314,12 +314,12 @@ class AtomicWhereMade(pafs.PyFileSystem):
     """The AtomicLocalHandler's filesystem in the process that made it, and pyarrow's own local
     filesystem in every process it is sent to.
 
-    Given to Ray Tune as its storage, it writes Tune's experiment state and the searcher's
-    whole or not at all, while trials, which Tune sends it to, copy their
-    checkpoints natively: pyarrow calls a Python filesystem from its I/O threads, which in a
-    busy trial took 40 to 200 ms per 10 MB checkpoint against 5 ms natively. A checkpoint cut
-    short needs no whole write: Tune's state names a checkpoint only once the trial's report of
-    it has returned, and a trial that finds its checkpoint unreadable starts over.
+    Given to Ray Tune as its storage, it writes Tune's experiment state and the searcher's whole
+    or not at all, while trials, which Tune sends it to, copy their checkpoints natively: pyarrow
+    calls a Python filesystem from its I/O threads, which in a busy trial took 40 to 200 ms per
+    10 MB checkpoint against 5 ms natively. A checkpoint cut short needs no whole write: Tune's
+    state names a checkpoint only once the trial's report of it has returned, and a trial that
+    finds its checkpoint unreadable starts over.
     """
 
     def __reduce__(self) -> tuple:

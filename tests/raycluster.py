@@ -33,8 +33,8 @@ class LocalRayCluster:
         self.dashboard_port = free_port()
         self.address = ""
         # Head, workers and drivers must agree on the auth mode and token to join one cluster.
-        # The token travels in the environment: ~/.ray/auth_token would be shared by every
-        # cluster on the machine (tests run in parallel) and outlive the tests.
+        # The token travels in the environment, where Ray looks first: ~/.ray/auth_token is
+        # shared by every Ray on the machine and would outlive the tests.
         self.env = {
             **os.environ,
             "RAY_AUTH_MODE": "token",
