@@ -36,6 +36,7 @@ from gvae.study.folder import (
     EXPERIMENT,
     JOURNAL,
     check_same_study,
+    cut_torn_tail,
     load_saved_spec,
     note_other_versions,
     write_spec,
@@ -267,12 +268,14 @@ def _optuna_journal(
         return
     if store.local:
         log(f"optuna: watch the search live with `optuna-dashboard {store.path(JOURNAL)}`")
+        cut_torn_tail(store.path(JOURNAL), log)
         yield Journal(store.path(JOURNAL))
         return
     with tempfile.TemporaryDirectory(prefix="gvae-optuna-") as folder:
         local = f"{folder}/{JOURNAL}"
         if store.exists(JOURNAL):
             pafs.copy_files(store.path(JOURNAL), local, source_filesystem=store.fs)
+            cut_torn_tail(local, log)
         log(
             f"optuna: watch the search live with `optuna-dashboard {local}`; it is copied to "
             f"{store.location(JOURNAL)} at each snapshot of the study's state"

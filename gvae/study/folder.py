@@ -7,6 +7,7 @@ began under; `optuna.journal`, an Optuna search's study. Imports neither torch n
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,39 @@ def journal_storage(path: str) -> optuna.storages.JournalStorage:
             f"study: the Optuna journal {path} is damaged and cannot be read; restore it from a "
             "copy, or start the study afresh under another name"
         ) from None
+
+
+TAIL_CHUNK = 64 * 1024  # bytes read at a time, from the end, to find a journal's last newline
+
+
+def cut_torn_tail(path: str, log: Callable[[str], None]) -> None:
+    """Drop the last line of an Optuna journal when its write was cut short (a full disk, a
+    machine that went down mid-write). Optuna reads past such a line, but its next append runs
+    onto it: the journal is then unreadable, and the very next ask fails. Each write Optuna
+    completed ends its line, so the torn line is a write that never took effect. Call it only
+    while no search writes the journal (under the study's lease, before the searcher opens it).
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as journal:
+        size = journal.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(end - TAIL_CHUNK, 0)
+            journal.seek(start)
+            chunk = journal.read(end - start)
+            if end == size and chunk.endswith(b"\n"):
+                return  # whole
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        journal.truncate(end)
+    log(
+        f"optuna: {path} ended in a line cut short by an interrupted write; {size - end} bytes "
+        "dropped"
+    )
 
 
 def note_other_versions(store: ResultsStore, log: Callable[[str], None]) -> None:
