@@ -125,7 +125,28 @@ def test_more_cpus_than_any_node_has_stop_at_once_with_the_fix(cluster, tmp_path
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("gvae: error: resources.cpus: a trial asks for 64 CPUs but the ")
     assert "set resources.cpus: 2 or less" in last
-    assert not (tmp_path / "cpus" / "trials.parquet").exists()
+    assert not (tmp_path / "cpus").exists()  # nothing half-written, not even the folder
+
+
+def test_ctrl_c_before_the_study_began_exits_130_and_leaves_no_folder(cluster, tmp_path):
+    study = write_study(tmp_path, "early", models=["vae"], resources={"cpus": 64}, search=ONE)
+    run = ("study", "run", str(study), "--storage", str(tmp_path))
+    driver = gvae(cluster, *run, "--resource-wait", "120")  # for a node that never comes
+    seen = []
+    for line in driver.stdout:  # the driver waits here, before the study begins
+        seen.append(line)
+        if line.startswith("waiting for the autoscaler"):
+            break
+    assert (tmp_path / "early" / "driver.lease").exists(), "".join(seen)
+    driver.send_signal(signal.SIGINT)
+    code, output = finish(driver)
+    assert code == 130, output
+    last = output.strip().splitlines()[-1]
+    assert last == (
+        "gvae: interrupted before study early began; nothing was recorded, and "
+        "`gvae study run FILE` starts it"
+    )
+    assert not (tmp_path / "early").exists()
 
 
 def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path):

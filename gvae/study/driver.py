@@ -35,6 +35,7 @@ from gvae.study.faults import StopWhenStorageFails, resume_command, storage_erro
 from gvae.study.folder import (
     EXPERIMENT,
     JOURNAL,
+    SPEC_FILE,
     check_same_study,
     cut_torn_tail,
     load_saved_spec,
@@ -116,6 +117,8 @@ def run_study(
     finally:
         with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
             lease.release()
+            if store.local and not store.exists(SPEC_FILE):  # stopped before the study began
+                os.rmdir(store.root)  # the folder the lease made, when nothing else is in it
 
 
 def _run_leased(
