@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -69,3 +70,46 @@ def test_ray_job_runs_a_study_to_completion(two_nodes, tmp_path):
     assert "succeeded" in out.stdout
     trials = pd.read_parquet(storage / "job" / "trials.parquet")
     assert len(trials) == 4 and set(trials.status) == {"finished"}
+
+
+@pytest.fixture
+def apart(tmp_path_factory):
+    """A head that runs no trial and a worker node that does not share the head's disk: its
+    own empty filesystem is mounted over the folder the study is stored in."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to give the worker node a folder of its own")
+    storage = tmp_path_factory.mktemp("storage")
+    cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        cluster.start_head(num_cpus=0)
+        worker = f"{RAY} start --address={cluster.address} --num-cpus=2 --num-gpus=0"
+        mounted = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount -t tmpfs tmpfs {storage} && exec {worker}"],
+            env=cluster.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot give a node a folder of its own here: {mounted.stderr[-300:]}")
+        cluster.wait_for_nodes(2)
+        yield cluster, storage
+    finally:
+        cluster.stop()
+
+
+def test_a_local_storage_a_node_does_not_share_stops_the_study_with_the_fix(apart, tmp_path):
+    cluster, storage = apart
+    study = tmp_path / "spread.yaml"
+    study.write_text(yaml.safe_dump(STUDY))
+    command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study)]
+    command += ["--address", cluster.address, "--storage", str(storage)]
+    out = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"gvae: error: storage: {storage / 'spread'} is not shared with the node at "
+        f"{cluster.address.split(':')[0]}, where a trial ran; a study on a Ray cluster needs "
+        "storage every node reaches: pass --storage s3://BUCKET/PATH, or a folder every node "
+        "mounts"
+    )
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
+    trials = pd.read_parquet(storage / "spread" / "trials.parquet")
+    assert "failed" not in set(trials.status)  # nothing recorded failed for it

@@ -126,6 +126,10 @@ def quiet_tune_output(verbose: bool) -> None:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # Each trial error with its traceback; the progress prints it as one line instead.
         os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
+        # A study stopped by a trial's error (gvae.study.faults) leaves the failed results of
+        # its other trials unread, and Ray logs each with its traceback when the driver ends,
+        # naming this switch in the same line.
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
 
 
 class OptunaSearch(ray_optuna.OptunaSearch):

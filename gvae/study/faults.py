@@ -17,7 +17,11 @@ from ray.tune import Callback
 
 from gvae.errors import GvaeError
 from gvae.io import S3_ATTEMPTS, StorageFull, first_line, is_full, unreachable
+from gvae.study.folder import SPEC_FILE
 from gvae.study.outcome import error_line, trial_error_text
+from gvae.study.results import ResultsStore
+
+NOT_SHARED = "is not shared with the node"  # marks the error of check_shared
 
 
 def resume_command(name: str, storage: str, address: str | None) -> str:
@@ -28,8 +32,21 @@ def resume_command(name: str, storage: str, address: str | None) -> str:
     return command + (f" --address {address}" if address else "")
 
 
+def check_shared(store: ResultsStore, node: str) -> None:
+    """On a Ray node where the study folder, a local path, is missing, raise the error that
+    stops the study (StopWhenStorageFails): the node does not mount the driver's folder, and the
+    trial's rows and checkpoints would go to the node's own disk, where nobody reads them."""
+    if store.local and not store.exists(SPEC_FILE):  # the driver wrote it before Tune began
+        raise GvaeError(
+            f"storage: {store.uri} {NOT_SHARED} at {node}, where a trial ran; a study on a Ray "
+            "cluster needs storage every node reaches: pass --storage s3://BUCKET/PATH, or a "
+            "folder every node mounts"
+        )
+
+
 class StopWhenStorageFails(Callback):
-    """Stop the study when a trial failed because the storage is full or did not answer.
+    """Stop the study when a trial failed because the storage is full, did not answer, or is a
+    local folder the trial's node does not share.
 
     Retrying cannot help until there is room, or until the store is back (its every request has
     been retried for minutes already: gvae.io.S3_ATTEMPTS), and a trial that used up its retries
@@ -48,6 +65,9 @@ class StopWhenStorageFails(Callback):
 
     def _check(self, trial: Any) -> None:
         error = trial_error_text(trial)
+        if NOT_SHARED in error:
+            line = error_line(error)
+            raise GvaeError(line[line.index("storage: ") :])
         if "No space left on device" in error:
             raise StorageFull(self.uri)
         if "://" in self.uri and unreachable(error):

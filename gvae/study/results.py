@@ -1,4 +1,4 @@
-"""A study's record: the trials and curves Parquet tables, written by the driver alone.
+"""A study's record: the trials and curves Parquet tables, one fragment per trial.
 
 Tables live at `<storage>/<study>/trials.parquet` and `curves.parquet`, where storage is a local
 folder or any URI pyarrow's filesystems understand (s3://, gs://, ...). Only `pyarrow.fs`

@@ -20,6 +20,7 @@ from gvae.divergence import Diverged
 from gvae.errors import GvaeError
 from gvae.evaluation import Evaluator
 from gvae.io import readable_checkpoint
+from gvae.study.faults import check_shared
 from gvae.study.outcome import (
     DIVERGED_MEMBERS_KEY,
     NOTICE_KEY,
@@ -120,6 +121,7 @@ def train_trial(
     checkpoint after a failure or an interrupted study.
 
     `evaluator_states`: the evaluator of each dataset of the study, by dataset name."""
+    check_shared(tables.store(), ray.util.get_node_ip_address())
     fields = {key: value for key, value in params.items() if key != SUGGESTION}
     configs = [TrialConfig.from_dict(member).validate() for _, member in members("", fields)]
     device = resolve_device(configs[0].device)
