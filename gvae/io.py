@@ -14,6 +14,7 @@ import json
 import os
 import uuid
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +24,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from gvae.errors import GvaeError
+
+try:  # POSIX only; elsewhere `exclusive` holds no lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 # errno values that mean "no room left" rather than a broken path or a lost connection.
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -363,3 +369,23 @@ def first_line(error: OSError) -> str:
     """A storage error's first line: the AWS SDK under pyarrow adds its details below it."""
     lines = str(error).strip().splitlines()
     return lines[0].rstrip(".") if lines else repr(error)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Run the body holding an inter-process lock on `lock_path` (made if missing), for work
+    that processes on one machine would otherwise do at once on the same files; `on_wait` is
+    called when another process holds it."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import http.server
 import shutil
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +143,60 @@ def test_validating_a_study_file_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+FETCH_MNIST = """
+import sys
+from torchvision.datasets import MNIST
+from gvae.data import load_dataset
+from gvae.errors import GvaeError
+mirror, resources, root = sys.argv[1], sys.argv[2:6], sys.argv[6]
+MNIST.mirrors = [mirror]
+MNIST.resources = [tuple(pair.split(":")) for pair in resources]
+try:
+    print(load_dataset("mnist", root, download=True).fingerprint)
+except GvaeError as error:
+    print(f"error: {error}")
+"""
+
+
+class SlowMirror(http.server.SimpleHTTPRequestHandler):
+    """Files sent in small pieces, as over a slow link, so that fetches at once overlap."""
+
+    def copyfile(self, source, outputfile) -> None:
+        while piece := source.read(64 * 1024):
+            outputfile.write(piece)
+            time.sleep(0.01)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_trials_that_fetch_mnist_at_once_into_one_folder_all_get_it_whole(
+    mnist_idx_root: Path, tmp_path: Path
+) -> None:
+    # Several trials start at once on a node without the data, and each fetches it into the
+    # same folder; a local HTTP server stands in for MNIST's mirrors.
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    resources = []
+    for name in IDX_FILES:
+        packed = gzip.compress((mnist_idx_root / "MNIST" / "raw" / name).read_bytes(), 1)
+        (mirror / f"{name}.gz").write_bytes(packed)
+        resources.append(f"{name}.gz:{hashlib.md5(packed).hexdigest()}")
+    handler = functools.partial(SlowMirror, directory=str(mirror))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/"
+    command = [sys.executable, "-c", FETCH_MNIST, url, *resources, str(tmp_path / "data")]
+    try:
+        trials = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for _ in range(4)
+        ]
+        got = [trial.communicate(timeout=120)[0].strip() for trial in trials]
+    finally:
+        server.shutdown()
+        server.server_close()
+    reference = load_dataset("mnist", mnist_idx_root, download=False).fingerprint
+    assert got == [reference] * 4

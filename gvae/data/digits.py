@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import torch
 
 from gvae.data.dataset import Dataset, make_dataset
 from gvae.errors import GvaeError
+from gvae.io import exclusive
 
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -80,20 +82,36 @@ def _first_line(error: Exception) -> str:
     return " ".join(lines[:1] + lines[2:3])[:200] or type(error).__name__
 
 
+def _one_fetch_at_a_time(
+    root: Path, folder: str, download: bool
+) -> contextlib.AbstractContextManager:
+    """Processes of one machine that load a dataset into one `root` take turns: trials that
+    start at once on a node without the data would each download and unpack it into the same
+    files, and read one another's half-written ones (torchvision writes in place). A root that
+    cannot be written (read-only data) is only read, and needs no turns."""
+    if download:
+        with contextlib.suppress(OSError):  # a root that cannot be made: torchvision says so
+            root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        return contextlib.nullcontext()
+    return exclusive(root / f".{folder}.lock")
+
+
 def _load_torchvision(cls: type, name: str, root: Path, download: bool) -> Dataset:
     """Load a torchvision MNIST-style dataset from `<root>/<ClassName>/raw/` IDX files."""
     raw = root / cls.__name__ / "raw"
-    if raw.is_dir():
-        _gunzip_missing(name, raw)
-    try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            train = cls(str(root), train=True, download=download)
-            test = cls(str(root), train=False, download=download)
-    except (RuntimeError, OSError, ValueError, AssertionError, IndexError) as error:
-        # All files present means they are corrupt (torchvision asserts on bad magic numbers).
-        if all((raw / f).is_file() for f in IDX_FILES):
-            raise GvaeError(_unreadable_message(name, raw, error)) from error
-        raise GvaeError(_missing_message(name, raw, download, error)) from error
+    with _one_fetch_at_a_time(root, cls.__name__, download):
+        if raw.is_dir():
+            _gunzip_missing(name, raw)
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                train = cls(str(root), train=True, download=download)
+                test = cls(str(root), train=False, download=download)
+        except (RuntimeError, OSError, ValueError, AssertionError, IndexError) as error:
+            # All files present means they are corrupt (torchvision asserts on bad magic numbers).
+            if all((raw / f).is_file() for f in IDX_FILES):
+                raise GvaeError(_unreadable_message(name, raw, error)) from error
+            raise GvaeError(_missing_message(name, raw, download, error)) from error
     return make_dataset(
         name,
         (train.data, train.targets, test.data, test.targets),

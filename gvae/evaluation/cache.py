@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,11 +21,7 @@ from gvae.evaluation.training import (
     evaluator_key,
     train_evaluator,
 )
-
-try:  # POSIX only; elsewhere concurrent processes may just train the same network twice
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from gvae.io import exclusive
 
 
 def default_cache_dir() -> Path:
@@ -34,22 +30,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gvae"
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """Inter-process lock, so parallel trials wait for one training instead of each training."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"evaluator: waiting for another process to finish {lock_path.with_suffix('.pt')}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _training_lock(path: Path, log: Callable[[str], None]) -> contextlib.AbstractContextManager:
+    """Parallel trials and drivers wait for one training of the evaluator at `path` instead of
+    each training it."""
+    return exclusive(
+        path.with_suffix(".lock"),
+        lambda: log(f"evaluator: waiting for another process to finish {path}"),
+    )
 
 
 def _atomic_save(state: dict, path: Path) -> None:
@@ -111,7 +98,7 @@ def load_or_train_evaluator(
         digits = load_or_train_evaluator(dataset.channel_dataset, cache_dir, device, log, epochs)
         key = channel_evaluator_key(dataset, digits.key)
         path = folder / f"{dataset.name}-{key}.pt"
-        with _exclusive(path.with_suffix(".lock"), log):
+        with _training_lock(path, log):
             evaluator = _try_load(path, key, device, log)
             if evaluator is None:
                 evaluator = channel_evaluator(dataset, digits, key)
@@ -124,7 +111,7 @@ def load_or_train_evaluator(
         epochs = default_epochs(len(dataset.train_labels))
     key = evaluator_key(dataset, epochs)
     path = folder / f"{dataset.name}-{key}.pt"
-    with _exclusive(path.with_suffix(".lock"), log):
+    with _training_lock(path, log):
         evaluator = _try_load(path, key, device, log)
         if evaluator is not None:
             log(f"evaluator: loaded {path} (held-out accuracy {evaluator.accuracy:.1%})")
