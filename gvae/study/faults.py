@@ -65,9 +65,9 @@ class StopWhenStorageFails(Callback):
 
     def _check(self, trial: Any) -> None:
         error = trial_error_text(trial)
-        if NOT_SHARED in error:
-            line = error_line(error)
-            raise GvaeError(line[line.index("storage: ") :])
+        not_shared = next((line for line in error.splitlines() if NOT_SHARED in line), None)
+        if not_shared is not None:  # check_shared's message, after the exception's name
+            raise GvaeError(not_shared[not_shared.index("storage: ") :])
         if "No space left on device" in error:
             raise StorageFull(self.uri)
         if "://" in self.uri and unreachable(error):

@@ -121,13 +121,13 @@ def train_trial(
     checkpoint after a failure or an interrupted study.
 
     `evaluator_states`: the evaluator of each dataset of the study, by dataset name."""
-    check_shared(tables.store(), ray.util.get_node_ip_address())
     fields = {key: value for key, value in params.items() if key != SUGGESTION}
     configs = [TrialConfig.from_dict(member).validate() for _, member in members("", fields)]
     device = resolve_device(configs[0].device)
     evaluator = _cached_evaluator(evaluator_states[configs[0].dataset], device)
     context = _context(device, evaluator)
     record = TrialRecord(tables, member_rows(tune.get_context().get_trial_id(), params), context)
+    check_shared(record.store, ray.util.get_node_ip_address())  # before it reads or writes rows
     finished = _finished_result(record)
     if finished is not None:
         tune.report({**finished, **context})
