@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -260,30 +261,44 @@ def test_pyarrow_pickles_an_s3_filesystem_without_its_retry_strategy_and_gvaes_k
 
 STRANDED = """
 import subprocess, sys, time, psutil
+from pathlib import Path
 from gvae.study import compat
-compat.STRANDED_SECONDS = 1.0
+compat.STRANDED_SECONDS = float(sys.argv[2])
+state = Path(sys.argv[3])  # stands for Tune's saved state
 daemon = subprocess.Popen(["sleep", "60"])
 daemons = [psutil.Process(daemon.pid)]
-compat.exit_when_ray_stopped(daemons, "stranded")
+compat.exit_when_ray_stopped(daemons, "stranded", lambda: state.read_text())
 print("summary", flush=False)  # buffered, as a summary printed to a pipe is
-if sys.argv[1] == "stopped-with-the-driver":
-    daemon.kill()
-else:  # stopped on purpose, as RayStart.close stops it
+if sys.argv[1] == "stopped-on-purpose":  # as RayStart.close stops it
     daemons.clear()
-    daemon.kill()
-time.sleep(3)
+daemon.kill()
+if sys.argv[1] == "stopped-then-saved":
+    time.sleep(1)
+    state.write_text("saved")
+time.sleep(float(sys.argv[2]) + 2)
 """
 
 
-def test_a_driver_whose_local_ray_stopped_with_it_exits_130_and_one_that_stopped_it_does_not():
-    def run(case: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-c", STRANDED, case]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+def test_a_driver_whose_local_ray_stopped_with_it_exits_130_and_one_that_stopped_it_does_not(
+    tmp_path,
+):
+    state = tmp_path / "state"
+    state.write_text("before the signal")
 
-    stranded = run("stopped-with-the-driver")
+    def run(case: str, seconds: float) -> tuple[subprocess.CompletedProcess, float]:
+        command = [sys.executable, "-c", STRANDED, case, str(seconds), str(state)]
+        began = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        return done, time.monotonic() - began
+
+    stranded, _ = run("stopped-with-the-driver", 1.0)  # no save came: it waited it out
     assert (stranded.returncode, stranded.stderr.strip()) == (130, "stranded"), stranded.stderr
     assert stranded.stdout == "summary\n"  # flushed before the exit
-    stopped = run("stopped-on-purpose")
+    # Saved a second after Ray stopped: it exits then, long before the 60 s it would wait.
+    saved, seconds = run("stopped-then-saved", 60.0)
+    assert (saved.returncode, saved.stderr.strip()) == (130, "stranded"), saved.stderr
+    assert seconds < 30, seconds
+    stopped, _ = run("stopped-on-purpose", 1.0)
     assert (stopped.returncode, stopped.stderr, stopped.stdout) == (0, "", "summary\n")
 
 

@@ -71,26 +71,50 @@ def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterato
         signal.signal(signal.SIGTERM, previous)
 
 
-# How long after a SIGTERM that stopped the local Ray too the driver waits for Tune before it
-# exits: within the 30 s that Slurm (KillWait) and Kubernetes give before they kill.
+# How long after a SIGTERM that stopped the local Ray too the driver waits for Tune's last save
+# before it exits anyway: within the 30 s that Slurm (KillWait) and Kubernetes give before they
+# kill. A save is whole once its files have stood still for a poll (0.1 s while Ray runs, then
+# SAVE_SETTLED_SECONDS).
 STRANDED_SECONDS = 15.0
+SAVE_SETTLED_SECONDS = 0.5
 
 
-def exit_when_ray_stopped(daemons: list[psutil.Process], line: str) -> None:
-    """Exit 130 with `line` if, STRANDED_SECONDS from now, the process still runs and one of the
-    local Ray's `daemons` has stopped (the caller empties the list when it stops Ray itself).
+def exit_when_ray_stopped(
+    daemons: list[psutil.Process],
+    line: str,
+    saved_state: Callable[[], list[tuple] | None] = lambda: None,
+) -> None:
+    """Exit 130 with `line` once one of the local Ray's `daemons` has stopped and Tune has
+    saved its state since this call, or STRANDED_SECONDS from now at the latest; go on as usual
+    if the daemons run on, or the caller empties the list (it stopped Ray itself).
+    `saved_state()` describes the files of Tune's saved state (compat.saved_state).
 
     A SIGTERM to the driver's whole process group or cgroup (`kill -- -PGID`, systemd, Slurm's
-    `scancel`) stops the local Ray's daemons as well. Tune saves its state before it shuts its
-    trials down, but the shutdown then waits on the stopped Ray for a minute (Ray's GCS reconnect
-    timeout, `gcs_rpc_server_reconnect_timeout_s`) and Ray's core ends the process with status 1.
-    No public setting shortens that wait for the shutdown alone, so the driver ends itself first,
-    as Ctrl-C would have; the test of the group SIGTERM in tests/test_faults.py shows it.
+    `scancel`) stops the local Ray's daemons as well, which takes them about 10 s. Tune saves its
+    state at once (0.1 s) and then waits on the stopped Ray, until Ray's core ends the process
+    with status 1 (its GCS reconnect timeout, `gcs_rpc_server_reconnect_timeout_s`, is a minute).
+    No public setting shortens that, so the driver ends itself as soon as the daemons have
+    stopped, as Ctrl-C would have; the test of the group SIGTERM in tests/test_faults.py shows
+    it. Ray's core can still win: about one time in ten here its raylet went down within 0.2 s
+    and the driver's next call to it ended the process with status 1 ("the local Raylet is
+    dead"). Tune's state is saved either way, and the study resumes.
     """
+    deadline = time.monotonic() + STRANDED_SECONDS
 
     def exit_when_stranded() -> None:
-        time.sleep(STRANDED_SECONDS)
-        if not all(reaper.running(daemon) for daemon in daemons):  # emptied: Ray stopped on purpose
+        before = seen = saved_state()
+        saved = False  # since the signal, and its files have stood still since
+        while daemons and all(reaper.running(daemon) for daemon in daemons):
+            if time.monotonic() > deadline:
+                return  # Ray runs on: Tune stops the study as for Ctrl-C
+            time.sleep(0.1)
+            now = saved_state()
+            saved, seen = now is not None and now != before and now == seen, now
+        while not saved and daemons and time.monotonic() < deadline:
+            time.sleep(SAVE_SETTLED_SECONDS)
+            now = saved_state()
+            saved, seen = now is not None and now != before and now == seen, now
+        if daemons:  # emptied: Ray stopped on purpose, and the driver ends as usual
             sys.stdout.flush()
             print(line, file=sys.stderr, flush=True)
             os._exit(130)  # the main thread is blocked in Ray: only this ends the process
@@ -349,6 +373,18 @@ def experiment_states(filesystem: pafs.FileSystem, experiment_path: str) -> list
     selector = pafs.FileSelector(experiment_path, allow_not_found=True)
     infos = filesystem.get_file_info(selector)
     return sorted(i.path for i in infos if fnmatch.fnmatch(i.base_name, EXPERIMENT_STATE))
+
+
+def saved_state(filesystem: pafs.FileSystem, experiment_path: str) -> list[tuple] | None:
+    """The files of Tune's saved state (its experiment states, searcher and tuner files, beside
+    the trial folders) with their sizes and times, which change when Tune saves; None when the
+    storage did not answer."""
+    selector = pafs.FileSelector(experiment_path, allow_not_found=True)
+    try:
+        infos = filesystem.get_file_info(selector)
+    except OSError:
+        return None
+    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
 
 
 def readable_experiment_state(filesystem: pafs.FileSystem, path: str) -> bool:

@@ -110,7 +110,8 @@ def run_study(
                 "gvae: interrupted, and the local Ray stopped with the driver; Tune's state is "
                 f"saved and `{resume}` continues the study"
             )
-            on_sigterm = functools.partial(ray_start.exit_if_stranded, stranded)
+            saved_state = functools.partial(compat.saved_state, store.fs, store.path(EXPERIMENT))
+            on_sigterm = functools.partial(ray_start.exit_if_stranded, stranded, saved_state)
             return _run_leased(
                 spec, raw_spec, store, ray_start, log, resource_wait, verbose, on_sigterm
             )

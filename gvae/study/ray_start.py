@@ -52,12 +52,12 @@ class RayStart:
             f"{resources.get('GPU', 0):g} GPUs"
         )
 
-    def exit_if_stranded(self, line: str) -> None:
+    def exit_if_stranded(self, line: str, saved_state: Callable[[], list[tuple] | None]) -> None:
         """After a SIGTERM: exit 130 with `line` when the local Ray this driver started stopped
-        with it (gvae.study.compat.exit_when_ray_stopped)."""
+        with it, once Tune has saved its state (gvae.study.compat.exit_when_ray_stopped)."""
         self.terminated = True
         if self.daemons:
-            compat.exit_when_ray_stopped(self.daemons, line)
+            compat.exit_when_ray_stopped(self.daemons, line, saved_state)
 
     def close(self) -> None:
         """Stop the local Ray `wait` started, once the study is done or will not run: at once,
