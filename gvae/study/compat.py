@@ -73,10 +73,9 @@ def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterato
 
 # How long after a SIGTERM that stopped the local Ray too the driver waits for Tune's last save
 # before it exits anyway: within the 30 s that Slurm (KillWait) and Kubernetes give before they
-# kill. A save is whole once its files have stood still for a poll (0.1 s while Ray runs, then
-# SAVE_SETTLED_SECONDS).
+# kill. A save is whole once its files have stood still for a poll.
 STRANDED_SECONDS = 15.0
-SAVE_SETTLED_SECONDS = 0.5
+POLL_SECONDS = 0.1
 
 
 def exit_when_ray_stopped(
@@ -103,21 +102,19 @@ def exit_when_ray_stopped(
 
     def exit_when_stranded() -> None:
         before = seen = saved_state()
-        saved = False  # since the signal, and its files have stood still since
-        while daemons and all(reaper.running(daemon) for daemon in daemons):
-            if time.monotonic() > deadline:
+        saved = False  # since the signal, and its files have stood still for a poll since
+        while daemons:  # emptied: Ray stopped on purpose, and the driver ends as usual
+            stopped = not all(reaper.running(daemon) for daemon in daemons)
+            late = time.monotonic() > deadline
+            if stopped and (saved or late):
+                sys.stdout.flush()
+                print(line, file=sys.stderr, flush=True)
+                os._exit(130)  # the main thread is blocked in Ray: only this ends the process
+            if late:
                 return  # Ray runs on: Tune stops the study as for Ctrl-C
-            time.sleep(0.1)
+            time.sleep(POLL_SECONDS)
             now = saved_state()
             saved, seen = now is not None and now != before and now == seen, now
-        while not saved and daemons and time.monotonic() < deadline:
-            time.sleep(SAVE_SETTLED_SECONDS)
-            now = saved_state()
-            saved, seen = now is not None and now != before and now == seen, now
-        if daemons:  # emptied: Ray stopped on purpose, and the driver ends as usual
-            sys.stdout.flush()
-            print(line, file=sys.stderr, flush=True)
-            os._exit(130)  # the main thread is blocked in Ray: only this ends the process
 
     threading.Thread(target=exit_when_stranded, name="gvae-stranded", daemon=True).start()
 
