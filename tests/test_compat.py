@@ -9,7 +9,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -246,6 +245,35 @@ def test_ray_init_on_the_main_thread_installs_a_sigterm_handler_that_compat_over
     assert done.stdout.strip().splitlines()[-1] == "True True True"
 
 
+SPARED_PROBE = """
+import os, signal, psutil, ray
+from gvae.study import compat
+with compat.sigterm_spared_daemons():
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+print("driver", signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+@ray.remote
+def worker_mask():
+    return signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+print("worker", ray.get(worker_mask.remote()))
+for process in psutil.Process().children(recursive=True):
+    if process.name() in ("raylet", "gcs_server"):
+        os.kill(process.pid, signal.SIGTERM)  # as a SIGTERM to the whole group would
+print("alive", ray.get(worker_mask.remote()))
+ray.shutdown()
+"""
+
+
+def test_a_local_rays_daemons_and_workers_keep_sigterm_blocked_so_a_group_sigterm_spares_them():
+    # compat.sigterm_spared_daemons relies on Ray's daemons and workers keeping the signal mask
+    # they inherit: the day one of them unblocks SIGTERM, this fails.
+    done = subprocess.run(
+        [sys.executable, "-c", SPARED_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()[-3:]
+    assert lines == ["driver False", "worker True", "alive True"], done.stdout
+
+
 def test_pyarrow_pickles_an_s3_filesystem_without_its_retry_strategy_and_gvaes_keeps_it():
     # gvae.io.RetryingS3FileSystem exists for this (apache/arrow GH-47348): the day pyarrow's
     # pickle keeps the retry strategy, the first assertion fails and that class can go.
@@ -259,49 +287,6 @@ def test_pyarrow_pickles_an_s3_filesystem_without_its_retry_strategy_and_gvaes_k
     assert restored.options == fs.options and restored.options["endpoint_override"] == "127.0.0.1:9"
 
 
-STRANDED = """
-import subprocess, sys, time, psutil
-from pathlib import Path
-from gvae.study import compat
-compat.STRANDED_SECONDS = float(sys.argv[2])
-state = Path(sys.argv[3])  # stands for Tune's saved state
-daemon = subprocess.Popen(["sleep", "60"])
-daemons = [psutil.Process(daemon.pid)]
-compat.exit_when_ray_stopped(daemons, "stranded", lambda: state.read_text())
-print("summary", flush=False)  # buffered, as a summary printed to a pipe is
-if sys.argv[1] == "stopped-on-purpose":  # as RayStart.close stops it
-    daemons.clear()
-daemon.kill()
-if sys.argv[1] == "stopped-then-saved":
-    time.sleep(1)
-    state.write_text("saved")
-time.sleep(float(sys.argv[2]) + 2)
-"""
-
-
-def test_a_driver_whose_local_ray_stopped_with_it_exits_130_and_one_that_stopped_it_does_not(
-    tmp_path,
-):
-    state = tmp_path / "state"
-    state.write_text("before the signal")
-
-    def run(case: str, seconds: float) -> tuple[subprocess.CompletedProcess, float]:
-        command = [sys.executable, "-c", STRANDED, case, str(seconds), str(state)]
-        began = time.monotonic()
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        return done, time.monotonic() - began
-
-    stranded, _ = run("stopped-with-the-driver", 1.0)  # no save came: it waited it out
-    assert (stranded.returncode, stranded.stderr.strip()) == (130, "stranded"), stranded.stderr
-    assert stranded.stdout == "summary\n"  # flushed before the exit
-    # Saved a second after Ray stopped: it exits then, long before the 60 s it would wait.
-    saved, seconds = run("stopped-then-saved", 60.0)
-    assert (saved.returncode, saved.stderr.strip()) == (130, "stranded"), saved.stderr
-    assert seconds < 30, seconds
-    stopped, _ = run("stopped-on-purpose", 1.0)
-    assert (stopped.returncode, stopped.stderr, stopped.stdout) == (0, "", "summary\n")
-
-
 SIGTERM_PROBE = """
 import os, signal, sys
 from gvae.study import compat
@@ -310,7 +295,7 @@ if sys.argv[1] == "ignored":  # as for a job a script starts in the background
 else:  # a handler of its own, as Tune's run installs
     signal.signal(signal.SIGINT, lambda *_: print("sigint handler"))
 try:
-    with compat.sigterm_interrupts(lambda: print("on_sigterm")):
+    with compat.sigterm_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)
         print("went on")
 except KeyboardInterrupt:
@@ -320,7 +305,7 @@ except KeyboardInterrupt:
 
 @pytest.mark.parametrize(
     "sigint, expected",
-    [("ignored", "on_sigterm interrupted"), ("handled", "on_sigterm sigint handler went on")],
+    [("ignored", "interrupted"), ("handled", "sigint handler went on")],
 )
 def test_sigterm_runs_what_ctrl_c_would_even_where_sigint_is_ignored(sigint, expected):
     command = [sys.executable, "-c", SIGTERM_PROBE, sigint]

@@ -421,8 +421,8 @@ def test_a_killed_driver_leaves_no_ray_process_and_no_ray_session_folder(tmp_pat
 
 
 def test_a_sigterm_to_the_drivers_whole_group_exits_130_in_time_and_resume_finishes(tmp_path):
-    # `kill -- -PGID`, systemd and Slurm's scancel signal every process of the job: the local
-    # Ray the driver started stops with it, and Tune's shutdown would wait a minute on it.
+    # `kill -- -PGID`, systemd and Slurm's scancel signal every process of the job: were the
+    # local Ray the driver started to stop with it, Ray's core would end the driver first.
     study = write_study(
         tmp_path, "group", models=["vae"], iterations=1500, eval_every=100, search=THREE_SEEDS
     )  # on 2 CPUs: the third trial has not started when the signal comes

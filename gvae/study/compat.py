@@ -23,26 +23,22 @@ import logging
 import math
 import posixpath
 import signal
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
-import psutil
 import pyarrow.fs as pafs
 from ray.tune import Callback
 from ray.tune.search import SearchGenerator
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
 
-from gvae.study import reaper
 from gvae.study.folder import journal_storage
 
 
 @contextlib.contextmanager
-def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (`ray job stop`, Kubernetes, Slurm) stops the study as Ctrl-C does: Tune saves its
     state, the driver prints how far the study got and exits 130; a second one skips the save.
 
@@ -56,7 +52,6 @@ def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterato
         return
 
     def interrupt(_: int, frame: Any) -> None:
-        on_sigterm()
         # What Ctrl-C runs: Tune's handler during its run, else Python's (KeyboardInterrupt),
         # also where SIGINT is ignored (a job a script started in the background).
         handler = signal.getsignal(signal.SIGINT)
@@ -71,52 +66,24 @@ def sigterm_interrupts(on_sigterm: Callable[[], None] = lambda: None) -> Iterato
         signal.signal(signal.SIGTERM, previous)
 
 
-# How long after a SIGTERM that stopped the local Ray too the driver waits for Tune's last save
-# before it exits anyway: within the 30 s that Slurm (KillWait) and Kubernetes give before they
-# kill. A save is whole once its files have stood still for a poll.
-STRANDED_SECONDS = 15.0
-POLL_SECONDS = 0.1
-
-
-def exit_when_ray_stopped(
-    daemons: list[psutil.Process],
-    line: str,
-    saved_state: Callable[[], list[tuple] | None] = lambda: None,
-) -> None:
-    """Exit 130 with `line` once one of the local Ray's `daemons` has stopped and Tune has
-    saved its state since this call, or STRANDED_SECONDS from now at the latest; go on as usual
-    if the daemons run on, or the caller empties the list (it stopped Ray itself).
-    `saved_state()` describes the files of Tune's saved state (compat.saved_state).
+@contextlib.contextmanager
+def sigterm_spared_daemons() -> Iterator[None]:
+    """Start a local Ray in this block: its daemons and workers hold SIGTERM blocked, as Ray
+    itself has them hold SIGINT (its start_ray_process blocks SIGINT before it execs a daemon),
+    since a blocked signal stays blocked across fork and exec.
 
     A SIGTERM to the driver's whole process group or cgroup (`kill -- -PGID`, systemd, Slurm's
-    `scancel`) stops the local Ray's daemons as well, which takes them about 10 s. Tune saves its
-    state at once (0.1 s) and then waits on the stopped Ray, until Ray's core ends the process
-    with status 1 (its GCS reconnect timeout, `gcs_rpc_server_reconnect_timeout_s`, is a minute).
-    No public setting shortens that, so the driver ends itself as soon as the daemons have
-    stopped, as Ctrl-C would have; the test of the group SIGTERM in tests/test_faults.py shows
-    it. Ray's core can still win: about one time in ten here its raylet went down within 0.2 s
-    and the driver's next call to it ended the process with status 1 ("the local Raylet is
-    dead"). Tune's state is saved either way, and the study resumes.
+    `scancel`) then stops the driver alone, as Ctrl-C does (sigterm_interrupts), and the driver
+    stops Ray after Tune's last save. Were the daemons to stop with it, Ray's core would end the
+    driver with status 1 as soon as its raylet is gone, often before that save: a driver does not
+    outlive its raylet (ray-project/ray PR 20777). The cost: `ray.shutdown` waits its second of
+    grace for each blocked daemon before it kills it, about 3 s.
     """
-    deadline = time.monotonic() + STRANDED_SECONDS
-
-    def exit_when_stranded() -> None:
-        before = seen = saved_state()
-        saved = False  # since the signal, and its files have stood still for a poll since
-        while daemons:  # emptied: Ray stopped on purpose, and the driver ends as usual
-            stopped = not all(reaper.running(daemon) for daemon in daemons)
-            late = time.monotonic() > deadline
-            if stopped and (saved or late):
-                sys.stdout.flush()
-                print(line, file=sys.stderr, flush=True)
-                os._exit(130)  # the main thread is blocked in Ray: only this ends the process
-            if late:
-                return  # Ray runs on: Tune stops the study as for Ctrl-C
-            time.sleep(POLL_SECONDS)
-            now = saved_state()
-            saved, seen = now is not None and now != before and now == seen, now
-
-    threading.Thread(target=exit_when_stranded, name="gvae-stranded", daemon=True).start()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def quiet_tune_output(verbose: bool) -> None:
@@ -370,18 +337,6 @@ def experiment_states(filesystem: pafs.FileSystem, experiment_path: str) -> list
     selector = pafs.FileSelector(experiment_path, allow_not_found=True)
     infos = filesystem.get_file_info(selector)
     return sorted(i.path for i in infos if fnmatch.fnmatch(i.base_name, EXPERIMENT_STATE))
-
-
-def saved_state(filesystem: pafs.FileSystem, experiment_path: str) -> list[tuple] | None:
-    """The files of Tune's saved state (its experiment states, searcher and tuner files, beside
-    the trial folders) with their sizes and times, which change when Tune saves; None when the
-    storage did not answer."""
-    selector = pafs.FileSelector(experiment_path, allow_not_found=True)
-    try:
-        infos = filesystem.get_file_info(selector)
-    except OSError:
-        return None
-    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
 
 
 def readable_experiment_state(filesystem: pafs.FileSystem, path: str) -> bool:

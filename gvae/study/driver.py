@@ -8,7 +8,6 @@ what makes `gvae study resume` possible.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import posixpath
@@ -21,7 +20,6 @@ from typing import Any
 
 import pyarrow.fs as pafs
 from ray import tune
-from ray.exceptions import RayError
 from ray.tune.error import TuneError
 from sqlalchemy.engine import make_url
 
@@ -106,15 +104,7 @@ def run_study(
     try:
         with storage_errors(uri, resume):
             ray_start = ray_start or RayStart(address)
-            stranded = (
-                "gvae: interrupted, and the local Ray stopped with the driver; Tune's state is "
-                f"saved and `{resume}` continues the study"
-            )
-            saved_state = functools.partial(compat.saved_state, store.fs, store.path(EXPERIMENT))
-            on_sigterm = functools.partial(ray_start.exit_if_stranded, stranded, saved_state)
-            return _run_leased(
-                spec, raw_spec, store, ray_start, log, resource_wait, verbose, on_sigterm
-            )
+            return _run_leased(spec, raw_spec, store, ray_start, log, resource_wait, verbose)
     finally:
         with contextlib.suppress(OSError):  # a full or unreachable storage: the lease lapses
             lease.release()
@@ -130,7 +120,6 @@ def _run_leased(
     log: Callable[[str], None],
     resource_wait: float,
     verbose: bool,
-    on_sigterm: Callable[[], None],
 ) -> StudyRun:
     data_root = Path(spec.fixed.get("data_root", "data")).expanduser().resolve()
     # Tune runs every trial in a folder of its own, where a relative data_root finds nothing:
@@ -146,7 +135,7 @@ def _run_leased(
         loading = pool.submit(_evaluator_states, datasets, log)
         ray_start.wait(log)
         # From here on, as soon as Ray has replaced it, SIGTERM stops the study as Ctrl-C does.
-        stack.enter_context(compat.sigterm_interrupts(on_sigterm))
+        stack.enter_context(compat.sigterm_interrupts())
         evaluator_states = loading.result()
         image_sizes = {name: math.prod(data.image_shape) for name, data in datasets.items()}
         check_resources(spec, resource_wait if ray_start.address else 0.0, log)
@@ -163,7 +152,7 @@ def _run_leased(
         with _optuna_journal(spec, store, log) as journal:
             experiments = (f"{store.root}", _tune_filesystem(store))  # where Tune's trials go
             search = tune_search(spec, image_sizes, journal, experiments)
-            _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log, ray_start)
+            _fit(spec, store, tables, evaluator_states, search, resumed, verbose, log)
     statuses = store.read_table(TRIALS, ["status"]).column("status").to_pylist()
     done = sum(status in ENDED for status in statuses)
     return StudyRun(spec, store, resumed, done, statuses.count("failed"))
@@ -210,12 +199,11 @@ def _fit(
     resumed: bool,
     verbose: bool,
     log: Callable[[str], None],
-    ray_start: RayStart,
 ) -> None:
     """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
     this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
     raising the error that stopped it as it was (Tune wraps it in TuneError), and
-    KeyboardInterrupt for a Ray error after a SIGTERM."""
+    """
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_states=evaluator_states, tables=tables.tables),
         {"cpu": spec.cpus, "gpu": spec.gpus},
@@ -241,12 +229,6 @@ def _fit(
             scheduler=scheduler(spec),
             **search,
         )
-    except RayError:
-        # A SIGTERM to the whole group stops the local Ray too, and Tune's shutdown of its
-        # trials, after its last save, may then fail on Ray's calls: interrupted.
-        if not ray_start.terminated:
-            raise
-        raise KeyboardInterrupt from None
     except TuneError as error:
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, GvaeError | OSError):
