@@ -35,6 +35,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import optuna_search as ray_optuna
 
 from gvae.study.folder import journal_storage
+from gvae.study.outcome import ended_in_tune
 
 
 @contextlib.contextmanager
@@ -188,9 +189,6 @@ class OptunaSearch(ray_optuna.OptunaSearch):
         _fail_orphans(self._ot_study, known)
 
 
-ENDED_IN_TUNE = ("TERMINATED", "ERROR")  # the statuses of a trial that Tune does not run again
-
-
 class AtResume(Callback):
     """A callback that acts once, at the first step of a resumed study, before any trial starts:
     Tune has restored its trials from its saved state, and calls nothing earlier with them."""
@@ -224,7 +222,7 @@ class CatchUpSearcher(AtResume):
 
     def resume(self, trials: list) -> None:
         for trial in trials:
-            if trial.status in ENDED_IN_TUNE:
+            if ended_in_tune(trial):
                 error = trial.status == "ERROR"
                 result = None if error else trial.last_result
                 self.search_alg.on_trial_complete(trial.trial_id, result=result, error=error)
@@ -253,7 +251,7 @@ class FallBackToNewestCheckpoint(AtResume):
     def resume(self, trials: list) -> None:
         for trial in trials:
             named = trial.checkpoint
-            if trial.status in ENDED_IN_TUNE or named is None:
+            if ended_in_tune(trial) or named is None:
                 continue
             if not _exists(named.filesystem, named.path):
                 self._replace(trial.trial_id, named)

@@ -40,6 +40,11 @@ class Status(str, Enum):
 ENDED = tuple(status.value for status in Status if status.ended)
 
 
+def ended_in_tune(trial: Any) -> bool:
+    """Whether Tune will not run the trial again: it terminated, or failed its last retry."""
+    return trial.status in ("TERMINATED", "ERROR")
+
+
 @dataclass(frozen=True)
 class Outcome:
     status: Status

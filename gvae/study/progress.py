@@ -23,6 +23,7 @@ from gvae.study.outcome import (
     Outcome,
     Status,
     diverged_members,
+    ended_in_tune,
     is_finite_number,
     trial_error,
 )
@@ -115,7 +116,7 @@ class ConsoleProgress(Callback):
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if self.ended_before is None:  # trials a resumed study's saved state says have ended
-            self.ended_before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+            self.ended_before = {t.trial_id for t in trials if ended_in_tune(t)}
             # A resumed study's restored trials report nothing again: their best results so far
             # are in Tune's per-metric summary of all they reported.
             for trial in trials:

@@ -32,7 +32,14 @@ from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.io import join
 from gvae.study.folder import EXPERIMENT
-from gvae.study.outcome import ENDED, Outcome, Status, is_finite_number, trial_error
+from gvae.study.outcome import (
+    ENDED,
+    Outcome,
+    Status,
+    ended_in_tune,
+    is_finite_number,
+    trial_error,
+)
 from gvae.study.packs import PACK, PACK_SEEDS, PACKED_SUGGESTION, is_pack, members, seeds_of
 from gvae.study.results import (
     CURVES,
@@ -364,7 +371,7 @@ class StudyTables(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Compact once the study is complete: every trial it will run has ended."""
-        ended = all(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        ended = all(ended_in_tune(trial) for trial in trials)
         if ended and len(trials) >= self.total:
             compact(self.store, self.tables)
 
