@@ -135,6 +135,8 @@ def trial_config(row: dict[str, Any], device: str) -> TrialConfig:
     """
     values = {}
     for field in dataclasses.fields(TrialConfig):
+        if field.name not in row:  # a field added since the study ran: its default
+            continue
         value = row[field.name]
         values[field.name] = value.item() if isinstance(value, np.generic) else value
     return TrialConfig.from_dict({**values, "device": device}).validate()

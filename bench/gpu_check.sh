@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one go: setup, the CUDA tests, packs against lone trials, trials packed onto
-# the GPU (fractions and packs), per-model throughput, the step's sync and launch costs. Each part's output goes to RESULTS/<part>.log.
+# the GPU (fractions and packs), per-model throughput, the trainer's own rate beside the bare
+# step's, the step's sync and launch costs. Each part's output goes to RESULTS/<part>.log.
 #
 #   bash bench/gpu_check.sh [RESULTS]        (RESULTS defaults to $OUT)
 #
@@ -64,6 +65,7 @@ part tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/t
 part pack_benchmark 120 "$py" bench/pack_benchmark.py --device cuda --packs 1 5 8 32 128
 part packing 260 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200 --fractions 1 0.0625 0.2:5 0.2:32
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
+part trainer_rate 120 "$py" bench/trainer_rate.py --device cuda --iterations 3000
 part gpu_step 150 "$py" bench/gpu_step.py --iterations 100 --repeats 3
 part compile 90 "$py" bench/gpu_step.py --models gan --compile --iterations 100
 echo "== done at $(date +%T), ${SECONDS}s"

@@ -28,6 +28,7 @@ LIMITS = {
     "batch_size": (10**8, "images a batch may hold"),  # 300 GB of 28x28 floats
     "n_critic": (1000, "critic steps per iteration"),
     "seed": (2**32 - 1, "(seeds are 32-bit numbers)"),
+    "cpu_threads": (1024, "CPU threads a trial may use"),
 }
 
 # Per-model learning rates: Adam 2e-4 (DCGAN, Larsen); RMSprop 5e-5 for WGAN (Arjovsky et al.).
@@ -55,6 +56,9 @@ class TrialConfig:
     clip: float = 0.01  # WGAN weight clipping
     data_root: str = "data"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch's CPU threads. 0: one for a trial on a GPU, whose CPU only launches kernels; on the
+    # CPU, as many as the process has (under Ray, the trial's CPUs).
+    cpu_threads: int = 0
 
     @property
     def learning_rate(self) -> float:
@@ -159,6 +163,7 @@ _CHECKS = (
     _number("latent_dim", 0, strict=True, kind=int),
     _number("n_critic", 0, strict=True, kind=int),
     _number("clip", 0, strict=True),
+    _number("cpu_threads", 0, strict=False, kind=int),
     _eval_every_fits,
     _device_known,
 )

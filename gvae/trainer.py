@@ -66,6 +66,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_threads(config: TrialConfig, device: torch.device, default: int) -> int:
+    """The torch CPU threads a trial runs with: as its config asks, else one on a GPU (more
+    threads only spin beside the one that launches the kernels), else `default`."""
+    return config.cpu_threads or (1 if device.type == "cuda" else default)
+
+
 def make_deterministic(device: torch.device) -> None:
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

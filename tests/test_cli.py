@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from gvae.cli import main
 
@@ -37,6 +38,25 @@ def test_train_leaves_curve_grids_checkpoint_and_config(tmp_path, capsys):
     curve = pd.read_parquet(out / "curve.parquet")
     assert curve.iteration.tolist() == [10, 20]
     assert {"recon_loss", "kl_loss", "gan_loss", "d_loss"} <= set(curve.columns)
+
+
+def test_train_runs_with_the_cpu_threads_asked_and_records_them(tmp_path):
+    before = torch.get_num_threads()
+    asked = before + 1  # not what the process has: the count must come from the flag
+    out = tmp_path / "run"
+    try:
+        assert (
+            main(["train", "--model", "vae", *TINY, "--cpu-threads", str(asked), "--out", str(out)])
+            == 0
+        )
+        assert torch.get_num_threads() == asked
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((out / "metrics.json").read_text())["threads"] == asked
+    assert json.loads((out / "config.json").read_text())["cpu_threads"] == asked
+    default = tmp_path / "default"
+    assert main(["train", "--model", "vae", *TINY, "--out", str(default)]) == 0
+    assert json.loads((default / "metrics.json").read_text())["threads"] == before  # on the CPU
 
 
 def test_resume_continues_a_run_to_more_iterations(tmp_path):

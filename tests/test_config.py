@@ -34,6 +34,9 @@ BAD_FIELDS = [
     ({"lr": float("nan")}, "lr"),
     ({"clip": float("inf")}, "clip"),
     ({"d": float("-inf")}, "d"),
+    ({"cpu_threads": -1}, "cpu_threads"),
+    ({"cpu_threads": 1.5}, "cpu_threads"),
+    ({"cpu_threads": 1025}, "cpu_threads"),
 ]
 
 

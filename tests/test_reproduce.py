@@ -10,8 +10,15 @@ import pandas as pd
 import pytest
 
 from analysis import load_study
-from analysis.reproduce import choose_suggestion, choose_trial, comparison_table, find_trial
+from analysis.reproduce import (
+    choose_suggestion,
+    choose_trial,
+    comparison_table,
+    find_trial,
+    trial_config,
+)
 from gvae.cli import main
+from gvae.config import TrialConfig
 from gvae.errors import GvaeError
 from gvae.study.spec import Objective
 from tests import tiny_studies
@@ -143,3 +150,10 @@ def test_a_damaged_record_of_re_runs_stops_before_any_re_run_trains(storage, tmp
         "re-runs); move it aside and run again, which begins a new one\n"
     )
     assert record.read_bytes() == b"PAR1 cut short"
+
+
+def test_a_trial_recorded_before_a_config_field_existed_reruns_with_its_default():
+    recorded = TrialConfig(model="vae", seed=3).resolved().to_dict()
+    del recorded["cpu_threads"]  # a trials table written before the field was added
+    config = trial_config(recorded, "cpu")
+    assert config == TrialConfig(model="vae", seed=3, device="cpu").resolved()

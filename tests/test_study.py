@@ -71,8 +71,9 @@ def checkpoints_per_trial(storage: Path, name: str) -> list[int]:
 
 
 def test_grid_study_writes_both_tables(cluster, tmp_path):
+    fixed = {**TINY["fixed"], "cpu_threads": 2}  # Ray's default for a 1-CPU trial is 1
     study = write_study(
-        tmp_path, "grid", models=["gan", "cvaegan"], search={"grid": {"seed": [0, 1]}}
+        tmp_path, "grid", models=["gan", "cvaegan"], search={"grid": {"seed": [0, 1]}}, fixed=fixed
     )
     output = run_ok(cluster, "study", "run", str(study), "--storage", str(tmp_path / "r"))
     assert "study grid: 4 finished" in output
@@ -87,6 +88,7 @@ def test_grid_study_writes_both_tables(cluster, tmp_path):
     for column in ("lam", "d", "lr", "arch", "node", "device", "device_used", "git_commit"):
         assert column in trials.columns and trials[column].notna().all(), column
     assert trials.lr.tolist() == [2e-4] * 4  # resolved model default, not left blank
+    assert trials.cpu_threads.tolist() == trials.threads.tolist() == [2] * 4
     assert len(curves) == 8 and not curves.duplicated(["trial_id", "iteration"]).any()
     last = curves.sort_values("iteration").groupby("trial_id").last()
     merged = trials.merge(last, left_on="trial_id", right_index=True, suffixes=("", "_c"))

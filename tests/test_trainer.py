@@ -8,7 +8,7 @@ import torch
 from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.divergence import Diverged, DivergenceWatch
 from gvae.errors import GvaeError
-from gvae.trainer import CHECKPOINT_FILE, run_trial
+from gvae.trainer import CHECKPOINT_FILE, cpu_threads, run_trial
 
 TINY = dict(iterations=20, eval_every=10, eval_samples=300, batch_size=16)
 
@@ -148,3 +148,11 @@ def test_training_does_not_depend_on_the_callers_rng():
     torch.rand(7)
     second = run_trial(tiny("vae", iterations=10), log=quiet).curve[-1]["recon_loss"]
     assert first == second
+
+
+def test_a_trial_on_a_gpu_gets_one_cpu_thread_unless_its_config_asks_for_more():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cpu_threads(TrialConfig(), cuda, default=16) == 1
+    assert cpu_threads(TrialConfig(), cpu, default=16) == 16  # under Ray: the trial's CPUs
+    assert cpu_threads(TrialConfig(cpu_threads=4), cuda, default=16) == 4
+    assert cpu_threads(TrialConfig(cpu_threads=4), cpu, default=16) == 4

@@ -27,6 +27,7 @@ FIELD_HELP = {
     "eval_every": "evaluate (and checkpoint) every this many iterations",
     "eval_samples": "generated samples per evaluation",
     "device": "auto | cpu | cuda | cuda:N",
+    "cpu_threads": "torch CPU threads; 0: one on a GPU, every core on the CPU",
 }
 
 
@@ -62,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
     resume_from = _check_out(out, args.resume)
     # Imported once the arguments are checked: torch takes 2 s, which neither `gvae --help` nor a
     # mistyped option should wait for.
+    import torch
+
     from gvae.data import load_dataset
     from gvae.divergence import Diverged
-    from gvae.trainer import run_trial
+    from gvae.trainer import cpu_threads, resolve_device, run_trial
 
     load_dataset(config.dataset, config.data_root)  # a missing dataset fails before any write
+    device = resolve_device(config.device)
+    torch.set_num_threads(cpu_threads(config, device, default=torch.get_num_threads()))
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     summary = {
         "device": outcome.device,
+        "threads": torch.get_num_threads(),  # training on the CPU is deterministic for a count
         "evaluator_accuracy": outcome.evaluator_accuracy,
         "real_data": outcome.reference,
         # On faces, mode_entropy counts the joint values of these attributes rather than classes.

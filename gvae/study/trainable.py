@@ -41,7 +41,10 @@ from gvae.study.tables import (
     member_rows,
     save_record,
 )
-from gvae.trainer import TrialOutcome, resolve_device, run_pack, run_trial
+from gvae.trainer import TrialOutcome, cpu_threads, resolve_device, run_pack, run_trial
+
+# torch's threads as the worker process started: Ray sets them to a trial's CPUs.
+WORKER_THREADS = torch.get_num_threads()
 
 
 class TrialRecord:
@@ -124,6 +127,7 @@ def train_trial(
     fields = {key: value for key, value in params.items() if key != SUGGESTION}
     configs = [TrialConfig.from_dict(member).validate() for _, member in members("", fields)]
     device = resolve_device(configs[0].device)
+    torch.set_num_threads(cpu_threads(configs[0], device, WORKER_THREADS))  # a reused worker too
     evaluator = _cached_evaluator(evaluator_states[configs[0].dataset], device)
     context = _context(device, evaluator)
     record = TrialRecord(tables, member_rows(tune.get_context().get_trial_id(), params), context)
