@@ -202,8 +202,7 @@ def _fit(
 ) -> None:
     """Run Tune over the study, a new experiment or the saved one continued (`resumed`), with
     this run's callbacks, searcher and scheduler (Tune restores their saved state into them),
-    raising the error that stopped it as it was (Tune wraps it in TuneError), and
-    """
+    raising the error that stopped it as it was (Tune wraps it in TuneError)."""
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, evaluator_states=evaluator_states, tables=tables.tables),
         {"cpu": spec.cpus, "gpu": spec.gpus},
