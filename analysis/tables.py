@@ -27,7 +27,7 @@ REAL_DATA = "real data"
 CONFIG_COLUMNS = [field.name for field in dataclasses.fields(TrialConfig)]
 # Config columns that never define a group: seeds are what a group averages over, and the rest
 # say where a trial ran, not what it trained.
-NOT_GROUPING = {"model", "seed", "device", "cpu_threads", "data_root"}
+NOT_GROUPING = {"model", "seed", "device", "cpu_threads", "graph", "data_root"}
 STOPPED_STATUSES = ("failed", "diverged", "stopped", "running", "pending")
 
 

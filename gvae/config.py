@@ -17,6 +17,7 @@ from gvae.names import DATASET_NAMES
 MODEL_NAMES = ("gan", "wgan", "vae", "vaegan", "cvaegan")
 ARCH_NAMES = ("mlp", "conv")
 GAN_LOSSES = ("nonsaturating", "minimax")
+GRAPH_MODES = ("off", "on", "auto")  # the training step as a CUDA graph (gvae.graphs)
 
 # Upper bounds of the counts a trial is given (README, Studies): past them a trial cannot finish
 # (the paper trains 10**6 iterations), an evaluation cannot hold its samples, or a seed leaves the
@@ -59,6 +60,8 @@ class TrialConfig:
     # torch's CPU threads. 0: one for a trial on a GPU, whose CPU only launches kernels; on the
     # CPU, as many as the process has (under Ray, the trial's CPUs).
     cpu_threads: int = 0
+    # The step as a replayed CUDA graph: off, on (or an error), auto (on a GPU when it can be).
+    graph: str = "off"
 
     @property
     def learning_rate(self) -> float:
@@ -147,10 +150,18 @@ def _device_known(config: TrialConfig) -> None:
         raise GvaeError(f"device: unknown device {config.device!r}; use auto, cpu, cuda or cuda:N")
 
 
+def _graph_on_a_gpu(config: TrialConfig) -> None:
+    if config.graph == "on" and config.device == "cpu":
+        raise GvaeError(
+            "graph: on needs a CUDA device, and device is cpu; set device: cuda, or graph: off"
+        )
+
+
 _CHECKS = (
     _choice("model", MODEL_NAMES),
     _choice("arch", ARCH_NAMES),
     _choice("gan_loss", GAN_LOSSES),
+    _choice("graph", GRAPH_MODES),
     _dataset_known,
     _number("lam", 0, strict=False),
     _number("d", 0, strict=False),
@@ -166,4 +177,5 @@ _CHECKS = (
     _number("cpu_threads", 0, strict=False, kind=int),
     _eval_every_fits,
     _device_known,
+    _graph_on_a_gpu,
 )

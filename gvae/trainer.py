@@ -31,6 +31,7 @@ from gvae.data import (
 from gvae.divergence import Diverged, DivergenceWatch
 from gvae.errors import GvaeError
 from gvae.evaluation import Evaluator, load_or_train_evaluator
+from gvae.graphs import training_step
 from gvae.io import CHECKPOINT_FILE, readable_checkpoint
 from gvae.models import MODELS, GenerativeModel
 from gvae.models.base import build_pack
@@ -142,13 +143,14 @@ def _train(
     if resume_from is not None:
         progress = _load_checkpoint(Path(resume_from), model, batches, device, configs)
         log(f"resumed from {resume_from} at iteration {progress.iteration}")
+    train_step = training_step(config, model, batches, device, log)  # after the resume
 
     loss_sums: dict[str, torch.Tensor] = {}
     watch = DivergenceWatch.for_device(device)
     window_iterations, window_start = 0, time.perf_counter()
     try:
         for iteration in range(progress.iteration + 1, config.iterations + 1):
-            losses = model.train_step(batches)
+            losses = train_step()
             progress.note_diverged(watch.record(iteration, losses))
             for name, value in losses.items():
                 loss_sums[name] = loss_sums.get(name, 0.0) + value.reshape(-1)

@@ -99,6 +99,8 @@ BAD = [
     (["--batch-size", "0"], "batch_size"),
     (["--iterations", "10", "--eval-every", "20"], "eval_every"),
     (["--dataset", "mnist", "--data-root", "EMPTY"], "dataset"),
+    (["--graph", "fast"], "graph"),
+    (["--graph", "on", "--device", "cpu"], "graph"),
 ]
 
 
@@ -109,6 +111,17 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(flags, field, tmp_path
     assert main(["train", *TINY, *flags, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"gvae: error: {field}") and "\n" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="graph: on runs where torch finds CUDA")
+def test_graph_on_where_torch_finds_no_gpu_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--graph", "on", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "gvae: error: graph: on, but CUDA graphs need a CUDA device and this trial runs on cpu; "
+        "set graph: auto (eager then) or off"
+    )
     assert not out.exists()
 
 

@@ -149,16 +149,17 @@ def test_ctrl_c_before_the_study_began_exits_130_and_leaves_no_folder(cluster, t
     assert not (tmp_path / "early").exists()
 
 
-def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path):
-    study = write_study(tmp_path, "cuda", models=["vae"], fixed={"device": "cuda"}, search=ONE)
+@pytest.mark.parametrize(("key", "value"), [("device", "cuda"), ("graph", "on")])
+def test_cuda_trials_without_gpus_are_refused_before_ray_starts(tmp_path, key, value):
+    study = write_study(tmp_path, "cuda", models=["vae"], fixed={key: value}, search=ONE)
     command = [sys.executable, "-m", "gvae.cli", "study", "run", str(study)]
     out = subprocess.run(
         [*command, "--storage", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [
-        "gvae: error: fixed.device: trials ask for a CUDA device but resources.gpus is 0, so Ray "
-        "gives them no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or device: auto"
+        f"gvae: error: fixed.{key}: trials ask for a CUDA device but resources.gpus is 0, so Ray "
+        f"gives them no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or {key}: auto"
     ]
     assert "ray:" not in out.stdout  # Ray never started
     assert not (tmp_path / "cuda").exists()

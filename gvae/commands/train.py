@@ -28,6 +28,7 @@ FIELD_HELP = {
     "eval_samples": "generated samples per evaluation",
     "device": "auto | cpu | cuda | cuda:N",
     "cpu_threads": "torch CPU threads; 0: one on a GPU, every core on the CPU",
+    "graph": "the step as a CUDA graph: off | on | auto (on a GPU when it can be captured)",
 }
 
 
@@ -67,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
 
     from gvae.data import load_dataset
     from gvae.divergence import Diverged
+    from gvae.graphs import check_device
     from gvae.trainer import cpu_threads, resolve_device, run_trial
 
     load_dataset(config.dataset, config.data_root)  # a missing dataset fails before any write
     device = resolve_device(config.device)
+    check_device(config, device)
     torch.set_num_threads(cpu_threads(config, device, default=torch.get_num_threads()))
 
     try:

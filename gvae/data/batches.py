@@ -39,9 +39,13 @@ class BatchSampler:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return (self.batch_size,)
+
     def draw_index(self) -> torch.Tensor:
         """The next batch's image indices, on the CPU."""
-        return torch.randint(len(self.images), (self.batch_size,), generator=self.generator)
+        return torch.randint(len(self.images), self.index_shape, generator=self.generator)
 
     def _index(self) -> torch.Tensor:
         return to_device_queued(self.draw_index(), self.images.device)
@@ -82,9 +86,16 @@ class PackBatches:
         self.images = images
         self.samplers = [BatchSampler(images, batch_size, seed) for seed in seeds]
 
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return (len(self.samplers), self.samplers[0].batch_size)
+
+    def draw_index(self) -> torch.Tensor:
+        """The next batch's image indices of every member, [K, B], on the CPU."""
+        return torch.stack([sampler.draw_index() for sampler in self.samplers])
+
     def __call__(self) -> torch.Tensor:
-        index = torch.stack([sampler.draw_index() for sampler in self.samplers])
-        return self.images[to_device_queued(index, self.images.device)]
+        return self.images[to_device_queued(self.draw_index(), self.images.device)]
 
     def state(self) -> torch.Tensor:
         return torch.stack([sampler.state() for sampler in self.samplers])

@@ -22,16 +22,17 @@ RESOURCE_WAIT_SECONDS = 900.0
 def check_devices(spec: StudySpec, local: bool) -> None:
     """Refuse, before Ray starts, trials that ask for CUDA where they cannot get it."""
     asked = _cuda_fields(spec)
+    auto = f"{asked[0].rsplit('.', 1)[-1]}: auto" if asked else "device: auto"
     if asked and spec.gpus <= 0:
         raise GvaeError(
             f"{asked[0]}: trials ask for a CUDA device but resources.gpus is 0, so Ray gives them "
-            "no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or device: auto"
+            f"no GPU; set resources.gpus: 1 (or a fraction such as 0.5), or {auto}"
         )
     if local and (asked or spec.gpus > 0) and not _cuda_available():
         field = asked[0] if asked else "resources.gpus"
         raise GvaeError(
             f"{field}: trials ask for a GPU but this machine has none (torch finds no CUDA "
-            "device or driver); set resources.gpus: 0 and device: auto, or join a GPU cluster "
+            f"device or driver); set resources.gpus: 0 and {auto}, or join a GPU cluster "
             "with --address"
         )
 
@@ -47,6 +48,8 @@ def _cuda_fields(spec: StudySpec) -> list[str]:
     fields = []
     if str(spec.fixed.get("device", "")).startswith("cuda"):
         fields.append("fixed.device")
+    if spec.fixed.get("graph") == "on" or "on" in spec.grid.get("graph", []):  # gvae.graphs
+        fields.append("fixed.graph" if spec.fixed.get("graph") == "on" else "search.grid.graph")
     if any(str(v).startswith("cuda") for v in spec.grid.get("device", [])):
         fields.append("search.grid.device")
     space = spec.space.get("device")

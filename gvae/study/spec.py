@@ -42,7 +42,7 @@ TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialConfig)}
 # Study-level keys that are trial fields too: they may not be repeated under fixed/search.
 STUDY_LEVEL_FIELDS = {"dataset", "iterations", "eval_every", "model"}
 SEARCHABLE = {"model", "lam", "d", "lr", "seed", "batch_size", "n_critic", "clip", "gan_loss"}
-SEARCHABLE |= {"device"}  # e.g. a grid over cpu and cuda to compare throughput
+SEARCHABLE |= {"device", "graph"}  # e.g. a grid over cpu and cuda, or eager and graph
 # The scalars an evaluation reports besides the two entropies of the paper (curve columns), and
 # every scalar, which an Optuna objective or the ASHA scheduler may name.
 EVALUATION_METRICS = names.EVALUATION_METRICS
