@@ -61,11 +61,11 @@ setup() {
 
 # In order of what matters most, so a run cut short by its deadline keeps the rest.
 part setup 150 setup
-part tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py tests/test_pack.py
+part tests 200 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py tests/test_pack.py tests/test_graphs.py
+part graph_rate 150 "$py" bench/trainer_rate.py --device cuda --iterations 3000 --pack 8
 part pack_benchmark 120 "$py" bench/pack_benchmark.py --device cuda --packs 1 5 8 32 128
 part packing 260 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200 --fractions 1 0.0625 0.2:5 0.2:32
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
-part trainer_rate 120 "$py" bench/trainer_rate.py --device cuda --iterations 3000
 part gpu_step 150 "$py" bench/gpu_step.py --iterations 100 --repeats 3
 part compile 90 "$py" bench/gpu_step.py --models gan --compile --iterations 100
 echo "== done at $(date +%T), ${SECONDS}s"

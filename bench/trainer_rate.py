@@ -12,6 +12,10 @@ batches, from the first iteration on). Then, in the same process with the same t
 `train_step` of the same model after a warm-up: `step it/s` with the trainer's batch source
 (`model_and_batches`), `on-device it/s` with benchmark.py's (the training images moved to the
 device once, batches drawn there). The three tell the loop's cost from the batch source's.
+
+On a GPU, `graph it/s` is the trainer's rate with the step replayed as a CUDA graph (`graph: on`,
+gvae.graphs), and `pack` and `pack graph` the rates of a pack of `--pack` seeds trained eagerly
+and as a graph (iterations of the whole pack per second; each trains every member once).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from gvae.config import MODEL_NAMES, TrialConfig
 from gvae.data import BatchSampler, load_dataset
 from gvae.evaluation import load_or_train_evaluator
 from gvae.models import GenerativeModel
-from gvae.trainer import cpu_threads, model_and_batches, resolve_device, run_trial
+from gvae.trainer import cpu_threads, model_and_batches, resolve_device, run_pack, run_trial
 
 DATASET = "mnist5k"
 BATCH_SIZE = 64
@@ -41,12 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--cpu-threads", type=int, default=0, help="0: as gvae train chooses")
+    parser.add_argument("--pack", type=int, default=8, help="seeds of the packs timed on a GPU")
     parser.add_argument(
         "--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES), metavar="MODEL"
     )
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.cpu_threads < 0:
-        parser.error("--iterations must be >= 1 and --cpu-threads >= 0")
+    if args.iterations < 1 or args.cpu_threads < 0 or args.pack < 1:
+        parser.error("--iterations and --pack must be >= 1, and --cpu-threads >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args
@@ -84,11 +89,31 @@ def main(argv: list[str] | None = None) -> None:
         step = steps_per_second(built, batches, device)
         on_device = BatchSampler(dataset.train_images.to(device), BATCH_SIZE, config.seed)
         bare = steps_per_second(built, on_device, device)
+        graphs = graph_rates(config, args.pack, evaluator) if device.type == "cuda" else ""
         print(
             f"{model:8s} it/s {trainer:8.1f}  step it/s {step:8.1f}  on-device it/s {bare:8.1f}  "
-            f"trainer / on-device {trainer / bare:5.2f}",
+            f"trainer / on-device {trainer / bare:5.2f}{graphs}",
             flush=True,
         )
+
+
+def graph_rates(config: TrialConfig, pack: int, evaluator: object) -> str:
+    """The trainer's rates with the step as a CUDA graph, lone, and for a pack eager and graph."""
+
+    def rate(outcomes: list) -> float:
+        return outcomes[0].curve[-1]["iterations_per_second"]
+
+    quiet = lambda _: None  # noqa: E731
+    graph = TrialConfig(**{**config.to_dict(), "graph": "on"})
+    lone = rate([run_trial(graph, evaluator=evaluator, log=quiet)])
+    seeds = [TrialConfig(**{**config.to_dict(), "seed": seed}) for seed in range(pack)]
+    eager_pack = rate(run_pack(seeds, evaluator=evaluator, log=quiet))
+    graphed = [TrialConfig(**{**member.to_dict(), "graph": "on"}) for member in seeds]
+    graph_pack = rate(run_pack(graphed, evaluator=evaluator, log=quiet))
+    return (
+        f"  graph it/s {lone:8.1f}  pack {pack} it/s {eager_pack:8.1f}  "
+        f"pack {pack} graph it/s {graph_pack:8.1f}"
+    )
 
 
 def steps_per_second(
