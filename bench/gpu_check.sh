@@ -14,7 +14,7 @@
 # that would not fit is skipped and says so, and one that fails does not stop the others.
 set -uo pipefail
 
-results=${1:-${OUT:?give a results folder, or set OUT}}
+export results=${1:-${OUT:?give a results folder, or set OUT}}
 mkdir -p "$results"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 GVAE_CACHE=${GVAE_CACHE:-$PWD/.gvae-cache} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -59,10 +59,17 @@ setup() {
         "| optuna", optuna.__version__)'
 }
 
+gpu_short() {  # studies/gpu_short.yaml, its tables and report kept in RESULTS/gpu_short
+    [[ " ${GPU_CHECK_PARTS:-} " == *" gpu_short "* ]] || { echo "not asked for"; return; }
+    "$py" -m gvae.cli study run studies/gpu_short.yaml --storage "$results/gpu_short"
+    "$py" -m gvae.cli report gpu_short --storage "$results/gpu_short"
+}
+
 # In order of what matters most, so a run cut short by its deadline keeps the rest.
 part setup 150 setup
 part tests 200 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py tests/test_pack.py tests/test_graphs.py
 part graph_rate 150 "$py" bench/trainer_rate.py --device cuda --iterations 3000 --pack 8
+part gpu_short 400 gpu_short  # only when asked for: GPU_CHECK_PARTS="setup gpu_short"
 part pack_benchmark 120 "$py" bench/pack_benchmark.py --device cuda --packs 1 5 8 32 128
 part packing 260 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200 --fractions 1 0.0625 0.2:5 0.2:32
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
