@@ -3,6 +3,7 @@ which step a config gets. The capture itself needs CUDA (tests/test_cuda.py)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -56,6 +57,27 @@ def test_a_graph_steps_machinery_leaves_every_number_of_the_eager_step(model_nam
             graph = graph_state["optimizers"][name]["state"][index]
             for key, value in state.items():
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(graph[key])), key
+
+
+@pytest.mark.parametrize("model_name", ["wgan", "cvaegan"])  # RMSprop's state, and Adam's
+def test_a_graph_step_over_a_resumed_model_leaves_its_loaded_state(model_name):
+    torch.set_num_threads(1)
+    config = TrialConfig(model=model_name, batch_size=8, n_critic=2, device="cpu")
+    dataset = load_dataset("mnist5k")
+    straight, batches = model_and_batches([config], False, dataset, CPU)
+    for _ in range(3):
+        straight.train_step(batches)
+    saved = copy.deepcopy((straight.state_dict(), torch.get_rng_state(), batches.state()))
+    expected = [straight.train_step(batches) for _ in range(3)]
+
+    resumed, resumed_batches = model_and_batches([config], False, dataset, CPU)
+    resumed.load_state_dict(saved[0])  # as the trainer resumes: before its step is made
+    torch.set_rng_state(saved[1])
+    resumed_batches.load_state(saved[2])
+    step = GraphStep(resumed, resumed_batches, eager_after_warm_up).replay
+    for want in expected:
+        got = step()
+        assert all(torch.equal(want[name], got[name]) for name in want)
 
 
 def test_the_warm_up_is_undone_even_when_capture_fails():
