@@ -73,6 +73,9 @@ part gpu_short 400 gpu_short  # only when asked for: GPU_CHECK_PARTS="setup gpu_
 part pack_benchmark 120 "$py" bench/pack_benchmark.py --device cuda --packs 1 5 8 32 128
 part packing 260 "$py" bench/packing_benchmark.py --storage "$PWD/.packing" --iterations 200 --fractions 1 0.0625 0.2:5 0.2:32
 part benchmark 100 "$py" bench/benchmark.py --device cuda --repeats 3
+# The same under the cuBLAS workspace setting the trainer makes for determinism: whether it is
+# what slows a lone trial in the trainer below benchmark.py's rate.
+part benchmark_cublas 100 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$py" bench/benchmark.py --device cuda --repeats 3
 part gpu_step 150 "$py" bench/gpu_step.py --iterations 100 --repeats 3
 part compile 90 "$py" bench/gpu_step.py --models gan --compile --iterations 100
 echo "== done at $(date +%T), ${SECONDS}s"
