@@ -32,6 +32,10 @@ def quiet(_line: str) -> None:
     pass
 
 
+# Each determinism and resume test runs eagerly and with the step as a CUDA graph (gvae.graphs).
+GRAPH = pytest.mark.parametrize("graph", ["off", "on"])
+
+
 def tiny(model: str, device: str = "cuda", **overrides) -> TrialConfig:
     return TrialConfig(model=model, device=device, **{**TINY, **overrides}).validate()
 
@@ -47,20 +51,22 @@ def keep_checkpoint(target: Path):
     return report
 
 
+@GRAPH
 @pytest.mark.parametrize("model", ["gan", "wgan", "vae", "vaegan", "cvaegan"])
-def test_a_trial_is_deterministic_on_cuda(model):
-    first = run_trial(tiny(model), log=quiet)
-    second = run_trial(tiny(model), log=quiet)
+def test_a_trial_is_deterministic_on_cuda(model, graph):
+    first = run_trial(tiny(model, graph=graph), log=quiet)  # two captures in one process
+    second = run_trial(tiny(model, graph=graph), log=quiet)
     assert first.device.startswith("cuda")
     assert numbers(first) == numbers(second)
     assert first.final["image_entropies"] == second.final["image_entropies"]
 
 
+@GRAPH
 @pytest.mark.parametrize("model", ["wgan", "cvaegan"])
-def test_a_trial_resumes_from_its_checkpoint_on_cuda(model, tmp_path):
-    straight = run_trial(tiny(model), log=quiet)
-    run_trial(tiny(model, iterations=10), report=keep_checkpoint(tmp_path), log=quiet)
-    resumed = run_trial(tiny(model), resume_from=tmp_path, log=quiet)
+def test_a_trial_resumes_from_its_checkpoint_on_cuda(model, tmp_path, graph):
+    straight = run_trial(tiny(model, graph=graph), log=quiet)
+    run_trial(tiny(model, iterations=10, graph=graph), report=keep_checkpoint(tmp_path), log=quiet)
+    resumed = run_trial(tiny(model, graph=graph), resume_from=tmp_path, log=quiet)
     assert [row["iteration"] for row in resumed.curve] == [10, 20]
     assert numbers(resumed)[-1] == numbers(straight)[-1]
     assert resumed.final["image_entropies"] == straight.final["image_entropies"]
@@ -130,9 +136,10 @@ def test_gvae_reproduce_gives_identical_numbers_on_the_same_gpu(seeds, pack, tmp
 PACK_SEEDS = (3, 7, 11)
 
 
+@GRAPH
 @pytest.mark.parametrize("model", ["gan", "wgan", "vae", "vaegan", "cvaegan"])
-def test_a_pack_is_deterministic_on_cuda_and_its_members_start_as_their_lone_trials(model):
-    configs = [tiny(model, seed=seed, d=0.3) for seed in PACK_SEEDS]
+def test_a_pack_is_deterministic_on_cuda_and_its_members_start_as_their_lone_trials(model, graph):
+    configs = [tiny(model, seed=seed, d=0.3, graph=graph) for seed in PACK_SEEDS]
     first = run_pack(configs, log=quiet)
     second = run_pack(configs, log=quiet)
     for a, b in zip(first, second, strict=True):
@@ -145,58 +152,30 @@ def test_a_pack_is_deterministic_on_cuda_and_its_members_start_as_their_lone_tri
         assert first[1].curve[0][key] == pytest.approx(lone.curve[0][key], rel=1e-2, abs=1e-3)
 
 
-def test_a_pack_resumes_from_its_checkpoint_on_cuda(tmp_path):
-    configs = [tiny("cvaegan", seed=seed) for seed in PACK_SEEDS]
+@GRAPH
+def test_a_pack_resumes_from_its_checkpoint_on_cuda(tmp_path, graph):
+    configs = [tiny("cvaegan", seed=seed, graph=graph) for seed in PACK_SEEDS]
     straight = run_pack(configs, log=quiet)
 
     def keep(_rows, directory: Path) -> None:
         (tmp_path / CHECKPOINT_FILE).write_bytes((directory / CHECKPOINT_FILE).read_bytes())
 
     run_pack(
-        [tiny("cvaegan", seed=seed, iterations=10) for seed in PACK_SEEDS], report=keep, log=quiet
+        [tiny("cvaegan", seed=seed, iterations=10, graph=graph) for seed in PACK_SEEDS],
+        report=keep,
+        log=quiet,
     )
     resumed = run_pack(configs, resume_from=tmp_path, log=quiet)
     for a, b in zip(straight, resumed, strict=True):
         assert numbers(a) == numbers(b)
 
 
-# The training step as a CUDA graph (gvae.graphs) ------------------------------------------------
-
-MODELS = ["gan", "wgan", "vae", "vaegan", "cvaegan"]
-
-
-def graphed(model: str, **overrides) -> TrialConfig:
-    return tiny(model, graph="on", **overrides)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_a_graph_trial_is_deterministic_across_captures_and_near_the_eager_one(model):
-    first = run_trial(graphed(model), log=quiet)  # two captures in one process
-    second = run_trial(graphed(model), log=quiet)
-    assert numbers(first) == numbers(second)
-    assert first.final["image_entropies"] == second.final["image_entropies"]
+@pytest.mark.parametrize("model", ["gan", "wgan", "vae", "vaegan", "cvaegan"])
+def test_a_graph_trial_is_near_the_eager_trial(model):
+    graph = run_trial(tiny(model, graph="on"), log=quiet)
     eager = run_trial(tiny(model), log=quiet)
-    for key in [key for key in eager.curve[0] if key.endswith("_loss")]:
-        assert first.curve[0][key] == pytest.approx(eager.curve[0][key], rel=1e-4, abs=1e-5), key
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_a_graph_pack_is_deterministic_across_captures(model):
-    configs = [graphed(model, seed=seed, d=0.3) for seed in PACK_SEEDS]
-    first = run_pack(configs, log=quiet)
-    second = run_pack(configs, log=quiet)
-    for a, b in zip(first, second, strict=True):
-        assert numbers(a) == numbers(b)
-        assert a.final["image_entropies"] == b.final["image_entropies"]
-
-
-@pytest.mark.parametrize("model", ["wgan", "cvaegan"])
-def test_a_graph_trial_resumes_from_its_checkpoint_as_if_never_stopped(model, tmp_path):
-    straight = run_trial(graphed(model), log=quiet)
-    run_trial(graphed(model, iterations=10), report=keep_checkpoint(tmp_path), log=quiet)
-    resumed = run_trial(graphed(model), resume_from=tmp_path, log=quiet)
-    assert numbers(resumed)[-1] == numbers(straight)[-1]
-    assert resumed.final["image_entropies"] == straight.final["image_entropies"]
+    for key in [key for key in eager.curve[0] if key.endswith("_loss")]:  # the first window
+        assert graph.curve[0][key] == pytest.approx(eager.curve[0][key], rel=1e-4, abs=1e-5), key
 
 
 def test_graph_trials_in_two_fresh_processes_give_identical_numbers(tmp_path):
