@@ -67,7 +67,7 @@ gpu_short() {  # studies/gpu_short.yaml, its tables and report kept in RESULTS/g
 
 # In order of what matters most, so a run cut short by its deadline keeps the rest.
 part setup 150 setup
-part tests 200 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py tests/test_pack.py tests/test_graphs.py
+part tests 240 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_divergence.py tests/test_pack.py tests/test_graphs.py
 part graph_rate 150 "$py" bench/trainer_rate.py --device cuda --iterations 3000 --pack 8
 part gpu_short 400 gpu_short  # only when asked for: GPU_CHECK_PARTS="setup gpu_short"
 part pack_benchmark 120 "$py" bench/pack_benchmark.py --device cuda --packs 1 5 8 32 128
