@@ -81,6 +81,12 @@ class TrialRecord:
         for row in self.rows:
             row.write(self.tables, self.store, self.context, self.timing())
 
+    def trainer_line(self, line: str) -> None:
+        """The study's lines replace the trainer's, but for its step falling back to eager
+        (gvae.graphs), which is told with the next report."""
+        if line.startswith("graph:"):
+            self.notice = line
+
     def note(self, row: MemberRows, metrics: dict[str, Any]) -> None:
         """A member's report: its newest evaluation, or its divergence."""
         if "diverged_at" in metrics:
@@ -191,12 +197,16 @@ def _train(
             report=lambda metrics, where: report([metrics], where),
             resume_from=resume_from,
             evaluator=evaluator,
-            log=_quiet,
+            log=record.trainer_line,
         )
         record.end([outcome])
         return
     outcomes = run_pack(
-        configs, report=report, resume_from=resume_from, evaluator=evaluator, log=_quiet
+        configs,
+        report=report,
+        resume_from=resume_from,
+        evaluator=evaluator,
+        log=record.trainer_line,
     )
     record.end(outcomes)
     if all(outcome.diverged for outcome in outcomes):
@@ -318,7 +328,3 @@ def _cached_evaluator(state: dict[str, Any], device: torch.device) -> Evaluator:
     if key not in _EVALUATORS:
         _EVALUATORS[key] = Evaluator.from_state(state, device=device)
     return _EVALUATORS[key]
-
-
-def _quiet(_line: str) -> None:
-    """The study's console lines replace the trainer's per-evaluation lines."""
