@@ -102,6 +102,10 @@ BAD = [
     (OPTUNA, "search.optuna.space.seed", [0, 1], "search.optuna.space.seed"),
     (OPTUNA, "search.optuna.replicates", 0, "search.optuna.replicates"),
     (OPTUNA, "search.optuna.replicates", 1.5, "search.optuna.replicates"),
+    (OPTUNA, "search.optuna.space.lam.log", "yes", "search.optuna.space.lam.log"),
+    (VALID, "fixed.graph", "fast", "fixed.graph"),
+    (VALID, "search.grid.graph", ["off", True], "search.grid.graph"),
+    (changed(VALID, "fixed.device", "cpu"), "fixed.graph", "on", "fixed.graph"),
 ]
 
 
@@ -204,6 +208,17 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump(VALID).replace("batch_size: 16", "batch_size: 16\n  lr: 1e-4"))
     assert load_study(study).fixed["lr"] == 1e-4
+
+
+def test_on_off_yes_and_no_are_words_and_only_true_and_false_booleans(tmp_path):
+    study = tmp_path / "s.yaml"
+    text = yaml.safe_dump(OPTUNA).replace("log: true", "log: TRUE")
+    study.write_text(text.replace("batch_size: 16", "batch_size: 16\n  graph: on"))
+    spec = load_study(study)  # YAML 1.1 would read graph: on as true, and refuse it
+    assert spec.fixed["graph"] == "on" and spec.space["lam"].log is True
+    grid = changed(VALID, "search.grid.graph", ["off", "auto"])
+    study.write_text(yaml.safe_dump(grid).replace("- 'off'", "- off"))
+    assert load_study(study).grid["graph"] == ["off", "auto"]
 
 
 # --- bad input is refused before Ray starts: one line, exit status 2, nothing written ---------

@@ -144,9 +144,19 @@ class StudySpec:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads 1e-5 (no dot, no sign) as a string; study files mean a number."""
+    """Study-file YAML as YAML 1.2 reads it: 1e-5 (no dot, no sign) is a number, where YAML 1.1
+    reads a string, and only true and false are booleans, where YAML 1.1 also reads on, off, yes
+    and no (`graph: on` means the word)."""
 
 
+BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
@@ -155,7 +165,7 @@ _Loader.add_implicit_resolver(
 
 
 def read_yaml(text: str) -> Any:
-    """Parse study-file YAML (numbers such as 1e-5 included)."""
+    """Parse study-file YAML (numbers such as 1e-5 included; see _Loader)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -472,7 +482,9 @@ def _space(space: Any) -> dict[str, Range | list[Any]]:
         if "low" not in value or "high" not in value:
             raise GvaeError(f"{prefix}: needs low and high (or a list of values)")
         low, high = (_finite(value, bound, prefix + ".") for bound in ("low", "high"))
-        log = bool(value.get("log", False))
+        log = value.get("log", False)
+        if not isinstance(log, bool):
+            raise GvaeError(f"{prefix}.log: expected true or false, got {log!r}")
         if low > high:
             raise GvaeError(f"{prefix}.low: {low} is above high ({high}); swap them")
         if log and low <= 0:
