@@ -42,7 +42,6 @@ def trained(model_name: str, packed: bool, graph: bool) -> tuple[list[dict], dic
 @pytest.mark.parametrize("packed", [False, True], ids=["lone", "pack"])
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_a_graph_steps_machinery_leaves_every_number_of_the_eager_step(model_name, packed):
-    torch.set_num_threads(1)
     eager_losses, eager_state = trained(model_name, packed, graph=False)
     graph_losses, graph_state = trained(model_name, packed, graph=True)
     for eager, graph in zip(eager_losses, graph_losses, strict=True):
@@ -61,7 +60,6 @@ def test_a_graph_steps_machinery_leaves_every_number_of_the_eager_step(model_nam
 
 @pytest.mark.parametrize("model_name", ["wgan", "cvaegan"])  # RMSprop's state, and Adam's
 def test_a_graph_step_over_a_resumed_model_leaves_its_loaded_state(model_name):
-    torch.set_num_threads(1)
     config = TrialConfig(model=model_name, batch_size=8, n_critic=2, device="cpu")
     dataset = load_dataset("mnist5k")
     straight, batches = model_and_batches([config], False, dataset, CPU)
