@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from benchmark import cpu_model, timed  # bench/ is on the path of a script run from it
@@ -104,11 +105,10 @@ def graph_rates(config: TrialConfig, pack: int, evaluator: object) -> str:
         return outcomes[0].curve[-1]["iterations_per_second"]
 
     quiet = lambda _: None  # noqa: E731
-    graph = TrialConfig(**{**config.to_dict(), "graph": "on"})
-    lone = rate([run_trial(graph, evaluator=evaluator, log=quiet)])
-    seeds = [TrialConfig(**{**config.to_dict(), "seed": seed}) for seed in range(pack)]
+    lone = rate([run_trial(replace(config, graph="on"), evaluator=evaluator, log=quiet)])
+    seeds = [replace(config, seed=seed) for seed in range(pack)]
     eager_pack = rate(run_pack(seeds, evaluator=evaluator, log=quiet))
-    graphed = [TrialConfig(**{**member.to_dict(), "graph": "on"}) for member in seeds]
+    graphed = [replace(member, graph="on") for member in seeds]
     graph_pack = rate(run_pack(graphed, evaluator=evaluator, log=quiet))
     return (
         f"  graph it/s {lone:8.1f}  pack {pack} it/s {eager_pack:8.1f}  "

@@ -231,8 +231,7 @@ def capture_cuda_graph(step: TrainStep, model: GenerativeModel, snapshot: Snapsh
         for generator in model.member_generators:
             graph.register_generator_state(generator)
     with torch.cuda.graph(graph, stream=stream):
-        losses = step()
-    snapshot.restore(model)  # capture does not advance the generators; set them anyway
+        losses = step()  # recorded, not run: GraphStep sets the generators back once more
 
     def replay() -> Losses:
         graph.replay()

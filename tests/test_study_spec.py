@@ -8,6 +8,7 @@ import yaml
 
 from gvae.cli import main
 from gvae.errors import GvaeError
+from gvae.study.resources import check_devices
 from gvae.study.spec import Range, load_study, parse_study
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -423,3 +424,20 @@ def test_tracking_comes_from_the_study_file_or_the_mlflow_flag_and_needs_its_ext
     raw = {**yaml.safe_load(Path("studies/quick.yaml").read_text()), "tracking": {"wandb": {}}}
     with pytest.raises(GvaeError, match=r"^tracking\.wandb: wandb is not installed"):
         parse_study(raw)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        ("fixed.device", "cuda:1", "fixed.device"),
+        ("search.grid.graph", ["off", "on"], "search.grid.graph"),
+        ("search.optuna.space.graph", ["off", "on"], "search.optuna.space.graph"),
+    ],
+)
+def test_each_key_that_asks_for_cuda_is_named_when_no_gpu_is_given(path, value, key):
+    spec = parse_study(changed(OPTUNA if "optuna" in path else VALID, path, value))
+    with pytest.raises(GvaeError) as error:
+        check_devices(spec, local=False)
+    assert str(error.value).startswith(f"{key}: trials ask for a CUDA device but resources.gpus")
+    assert str(error.value).endswith(f"or {key.rsplit('.', 1)[-1]}: auto")
+    check_devices(parse_study(changed(VALID, "fixed.graph", "auto")), local=False)  # no CUDA ask

@@ -43,18 +43,24 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Trial fields whose value makes a trial ask for CUDA, and the values that do.
+ASKS_FOR_CUDA = {
+    "device": lambda value: str(value).startswith("cuda"),
+    "graph": lambda value: value == "on",  # gvae.graphs
+}
+
+
 def _cuda_fields(spec: StudySpec) -> list[str]:
-    """The study-file keys that make a trial ask for device cuda."""
+    """The study-file keys that make a trial ask for CUDA."""
     fields = []
-    if str(spec.fixed.get("device", "")).startswith("cuda"):
-        fields.append("fixed.device")
-    if spec.fixed.get("graph") == "on" or "on" in spec.grid.get("graph", []):  # gvae.graphs
-        fields.append("fixed.graph" if spec.fixed.get("graph") == "on" else "search.grid.graph")
-    if any(str(v).startswith("cuda") for v in spec.grid.get("device", [])):
-        fields.append("search.grid.device")
-    space = spec.space.get("device")
-    if isinstance(space, list) and any(str(v).startswith("cuda") for v in space):
-        fields.append("search.optuna.space.device")
+    for key, asks in ASKS_FOR_CUDA.items():
+        if key in spec.fixed and asks(spec.fixed[key]):
+            fields.append(f"fixed.{key}")
+        if any(asks(value) for value in spec.grid.get(key, [])):
+            fields.append(f"search.grid.{key}")
+        space = spec.space.get(key)
+        if isinstance(space, list) and any(asks(value) for value in space):
+            fields.append(f"search.optuna.space.{key}")
     return fields
 
 
